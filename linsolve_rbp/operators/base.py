@@ -1,0 +1,541 @@
+"""The backend-agnostic :class:`LinearOperator` and its algebra.
+
+An operator maps vectors of shape ``(n,)`` to vectors of shape ``(m,)``. A batch of
+independent vectors is an array of shape ``(B, n)``: each row is one vector, and the operator
+acts on every row (block-diagonal semantics: ``A.matvec(X)[i] == A.matvec(X[i])``). A batched
+product counts as one product in ``matvec_count``.
+
+Subclasses implement ``_matvec`` (and ``_rmatvec`` for ``A^H x``). The public ``matvec`` and
+``rmatvec`` validate the vector once and delegate; composites call their children's counted but
+unvalidated ``_mv`` / ``_rmv``, so ``(I - J.T).matvec(u)`` checks ``u`` once and counts one
+``J.rmatvec``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from .. import backend as _b
+
+__all__ = [
+    "LinearOperator",
+    "IdentityOperator",
+    "MissingRmatvecError",
+    "OperatorMismatchError",
+]
+
+
+class MissingRmatvecError(TypeError):
+    """An operation needs ``A^H x`` (a transpose, or a method such as cgne or lsqr) from an
+    operator that was built without ``rmatvec``."""
+
+
+class OperatorMismatchError(ValueError):
+    """Operands disagree in shape, dtype, backend or device."""
+
+
+def _fmt_shape(shape):
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+class LinearOperator:
+    """A linear map given by products, on any array-API backend.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(m, n)``: the operator maps ``(n,)`` vectors to ``(m,)`` vectors.
+    matvec : callable
+        ``matvec(x) -> A x``. It receives a ``(n,)`` vector, or a ``(B, n)`` batch of row
+        vectors in batched solves, and must return the same leading shape with last axis ``m``.
+    rmatvec : callable, optional
+        ``rmatvec(y) -> A^H y`` (the conjugate transpose, as in scipy). Needed for ``A.T``,
+        ``A.H`` and for methods such as ``cgne`` and ``lsqr``.
+    dtype : dtype, optional
+        The dtype of the operator. Defaults to ``like.dtype`` when ``like`` is given.
+    like : array, optional
+        An array whose backend, device and dtype the operator adopts; vectors of another
+        backend, device or dtype are then rejected with a clear error.
+
+    Notes
+    -----
+    Subclasses implement ``_matvec`` and, where they can, ``_rmatvec``; they call
+    ``_setup(shape, dtype=..., xp=..., device=..., backend=...)`` instead of ``__init__``.
+
+    Examples
+    --------
+    >>> import numpy as np, linsolve_rbp as lr
+    >>> M = np.array([[2.0, 1.0], [0.0, 3.0]])
+    >>> A = lr.LinearOperator((2, 2), matvec=lambda x: x @ M.T, rmatvec=lambda y: y @ M,
+    ...                       like=np.zeros(2))
+    >>> A @ np.array([1.0, 1.0])
+    array([3., 3.])
+    >>> (A.T @ np.array([1.0, 1.0])).tolist(), A.matvec_count, A.rmatvec_count
+    ([2.0, 4.0], 1, 1)
+    """
+
+    def __init__(self, shape, matvec=None, rmatvec=None, *, dtype=None, like=None):
+        if matvec is None:
+            raise TypeError(
+                "matvec must be given: a callable computing A @ x "
+                "(or subclass LinearOperator and implement _matvec)"
+            )
+        if not callable(matvec):
+            raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
+        if rmatvec is not None and not callable(rmatvec):
+            raise TypeError(f"rmatvec must be callable or None, got {type(rmatvec).__name__}")
+        self._matvec_fn = matvec
+        self._rmatvec_fn = rmatvec
+        xp = device = backend = None
+        if like is not None:
+            if not _b.is_array(like):
+                raise TypeError(
+                    f"like must be an array (numpy, torch, cupy or array-API), "
+                    f"got {type(like).__name__}"
+                )
+            xp = _b.array_namespace(like)
+            device = _b.device_of(like)
+            backend = _b.backend_name(like)
+            if dtype is None:
+                dtype = like.dtype
+        self._setup(shape, dtype=dtype, xp=xp, device=device, backend=backend)
+
+    # -- construction helpers for subclasses -------------------------------------------------
+    def _setup(self, shape, *, dtype=None, xp=None, device=None, backend=None):
+        try:
+            shape = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"shape must be a pair of non-negative integers, got {shape!r}") from None
+        if len(shape) != 2 or min(shape) < 0:
+            raise ValueError(f"shape must be a pair of non-negative integers (m, n), got {shape!r}")
+        self.shape = shape
+        self.dtype = dtype
+        self.xp = xp
+        self.device = device
+        self.backend = backend
+        self.matvec_count = 0
+        self.rmatvec_count = 0
+
+    # -- what subclasses implement -----------------------------------------------------------
+    def _matvec(self, x):
+        return self._matvec_fn(x)
+
+    def _rmatvec(self, x):
+        if getattr(self, "_rmatvec_fn", None) is None:
+            raise self._missing_rmatvec()
+        return self._rmatvec_fn(x)
+
+    @property
+    def has_rmatvec(self) -> bool:
+        """Whether ``A^H x`` is available (needed by ``A.T``, cgne, lsqr, ...)."""
+        if type(self)._rmatvec is not LinearOperator._rmatvec:
+            return True
+        return getattr(self, "_rmatvec_fn", None) is not None
+
+    def _missing_rmatvec(self):
+        return MissingRmatvecError(
+            f"{self!r} has no rmatvec (A^H x): pass rmatvec= when building the operator "
+            "(for a torch Jacobian, JacobianOperator provides it), or use a method that "
+            "needs only matvec such as gmres or bicgstab"
+        )
+
+    # -- counted, unvalidated products used by composites and solvers -----------------------
+    def _mv(self, x):
+        self.matvec_count += 1
+        return self._matvec(x)
+
+    def _rmv(self, x):
+        if not self.has_rmatvec:
+            raise self._missing_rmatvec()
+        self.rmatvec_count += 1
+        return self._rmatvec(x)
+
+    # -- public products ----------------------------------------------------------------------
+    def matvec(self, x):
+        """Return ``A x`` for ``x`` of shape ``(n,)`` or a batch ``(B, n)``."""
+        self.check_vector(x, "x", self.shape[1])
+        y = self._mv(x)
+        self._check_output(y, x, self.shape[0], "matvec")
+        return y
+
+    def rmatvec(self, y):
+        """Return ``A^H y`` for ``y`` of shape ``(m,)`` or a batch ``(B, m)``."""
+        if not self.has_rmatvec:
+            raise self._missing_rmatvec()
+        self.check_vector(y, "y", self.shape[0])
+        x = self._rmv(y)
+        self._check_output(x, y, self.shape[1], "rmatvec")
+        return x
+
+    def reset_counters(self) -> None:
+        """Set ``matvec_count`` and ``rmatvec_count`` back to zero."""
+        self.matvec_count = 0
+        self.rmatvec_count = 0
+
+    def check_vector(self, x, name: str, n: int | None = None, batch_dims: int | None = None):
+        """Raise a clear error unless ``x`` is a vector (or batch) this operator can act on."""
+        if n is None:
+            n = self.shape[1]
+        if not _b.is_array(x):
+            raise TypeError(
+                f"{name} must be an array (numpy, torch, cupy or array-API), "
+                f"got {type(x).__name__}"
+            )
+        allowed = (1, 2) if batch_dims is None else (1 + batch_dims,)
+        if x.ndim not in allowed or x.shape[-1] != n:
+            want = {1: f"({n},)", 2: f"(B, {n})"}
+            expected = " or ".join(want[d] for d in allowed)
+            raise OperatorMismatchError(
+                f"{name} must have shape {expected} to match the operator of shape "
+                f"{_fmt_shape(self.shape)}, got shape {_fmt_shape(x.shape)}"
+            )
+        if self.backend is not None:
+            xb = _b.backend_name(x)
+            if xb != self.backend:
+                raise TypeError(
+                    f"{name} is a {xb} array but the operator works on {self.backend} arrays; "
+                    f"convert {name} (see linsolve_rbp.backend.to_numpy / from_numpy) or "
+                    "build the operator from data of the same backend"
+                )
+        if self.device is not None and str(_b.device_of(x)) != str(self.device):
+            raise OperatorMismatchError(
+                f"{name} is on device {_b.device_of(x)} but the operator is on device "
+                f"{self.device}; move one of them"
+            )
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the operator has dtype {self.dtype}; "
+                f"cast {name} (or the operator's data) so that they agree"
+            )
+
+    @staticmethod
+    def _check_output(y, x, m, which):
+        shape = getattr(y, "shape", None)
+        if shape is None or tuple(shape) != tuple(x.shape[:-1]) + (m,):
+            raise OperatorMismatchError(
+                f"the operator's {which} returned "
+                f"{'shape ' + _fmt_shape(tuple(shape)) if shape is not None else type(y).__name__}"
+                f" for input of shape {_fmt_shape(tuple(x.shape))}; expected "
+                f"{_fmt_shape(tuple(x.shape[:-1]) + (m,))}"
+            )
+
+    # -- operator algebra ---------------------------------------------------------------------
+    @property
+    def T(self) -> "LinearOperator":
+        """The transpose ``A^T`` (needs ``rmatvec``)."""
+        return _TransposeOperator(self, conjugate=False)
+
+    @property
+    def H(self) -> "LinearOperator":
+        """The conjugate transpose ``A^H`` (needs ``rmatvec``)."""
+        return _TransposeOperator(self, conjugate=True)
+
+    def __matmul__(self, other):
+        if isinstance(other, LinearOperator):
+            return _ProductOperator(self, other)
+        if _b.is_sparse(other):
+            return _ProductOperator(self, aslinearoperator(other))
+        if _b.is_array(other):
+            if other.ndim != 1:
+                raise OperatorMismatchError(
+                    f"A @ v takes a vector of shape ({self.shape[1]},); for a batch of row "
+                    f"vectors of shape (B, {self.shape[1]}) use A.matvec(V), and to compose "
+                    f"with a matrix use A @ lr.aslinearoperator(M); got shape "
+                    f"{_fmt_shape(tuple(other.shape))}"
+                )
+            return self.matvec(other)
+        return NotImplemented
+
+    def __add__(self, other):
+        other = _as_operand(other, "+")
+        if other is NotImplemented:
+            return NotImplemented
+        return _SumOperator(self, other, sign=1)
+
+    def __radd__(self, other):
+        other = _as_operand(other, "+")
+        if other is NotImplemented:
+            return NotImplemented
+        return _SumOperator(other, self, sign=1)
+
+    def __sub__(self, other):
+        other = _as_operand(other, "-")
+        if other is NotImplemented:
+            return NotImplemented
+        return _SumOperator(self, other, sign=-1)
+
+    def __rsub__(self, other):
+        other = _as_operand(other, "-")
+        if other is NotImplemented:
+            return NotImplemented
+        return _SumOperator(other, self, sign=-1)
+
+    def __neg__(self):
+        return _ScaledOperator(self, -1.0)
+
+    def __mul__(self, c):
+        if not _is_scalar(c):
+            return NotImplemented
+        return _ScaledOperator(self, c)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c):
+        if not _is_scalar(c):
+            return NotImplemented
+        return _ScaledOperator(self, 1.0 / c)
+
+    # -- conversions --------------------------------------------------------------------------
+    def to_scipy(self):
+        """A :class:`scipy.sparse.linalg.LinearOperator` over this operator (numpy data only).
+
+        Products applied through it are counted on this operator.
+        """
+        if self.backend not in (None, "numpy"):
+            raise TypeError(
+                f"to_scipy() needs a numpy-backed operator; this one works on {self.backend} "
+                "arrays (for cupy data use cupyx.scipy.sparse.linalg.aslinearoperator)"
+            )
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator as SciPyLO
+
+        m, n = self.shape
+
+        def mv(x):
+            x = np.asarray(x)
+            return self._mv(x.reshape(n)).reshape(x.shape[:-1] + (m,) if x.ndim == 1 else (m, 1))
+
+        def rmv(y):
+            y = np.asarray(y)
+            return self._rmv(y.reshape(m)).reshape((n,) if y.ndim == 1 else (n, 1))
+
+        def mm(X):
+            return self._mv(np.asarray(X).T).T
+
+        def rmm(Y):
+            return self._rmv(np.asarray(Y).T).T
+
+        dtype = self.dtype if self.dtype is not None else np.float64
+        if self.has_rmatvec:
+            return SciPyLO(self.shape, matvec=mv, rmatvec=rmv, matmat=mm, rmatmat=rmm, dtype=dtype)
+        return SciPyLO(self.shape, matvec=mv, matmat=mm, dtype=dtype)
+
+    def to_dense(self, like=None):
+        """The dense matrix of this operator, built from one batched product with the identity.
+
+        Use for small operators (tests, direct reference solves): it costs ``n`` products'
+        worth of work and ``m * n`` memory.
+        """
+        xp, dtype, device = self.xp, self.dtype, self.device
+        if like is not None:
+            xp, dtype, device = _b.array_namespace(like), like.dtype, _b.device_of(like)
+        if xp is None:
+            raise TypeError(
+                "to_dense() needs to know the backend: pass like=<an array> or build the "
+                "operator with like="
+            )
+        eye = xp.eye(self.shape[1], dtype=dtype, device=device)
+        return xp.matrix_transpose(self._mv(eye))
+
+    def __repr__(self) -> str:
+        dt = "" if self.dtype is None else f", dtype={self.dtype}"
+        be = "" if self.backend is None else f", backend={self.backend}"
+        return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]}{dt}{be}>"
+
+
+def _is_scalar(c) -> bool:
+    if isinstance(c, numbers.Number):
+        return True
+    return _b.is_array(c) and c.ndim == 0
+
+
+def _as_operand(other, op):
+    if isinstance(other, LinearOperator):
+        return other
+    if _b.is_sparse(other) or (_b.is_array(other) and other.ndim == 2):
+        return aslinearoperator(other)
+    return NotImplemented
+
+
+def _common(ops, what):
+    """Shared dtype/namespace/device/backend of operands, checked for agreement."""
+    backends = {o.backend for o in ops if o.backend is not None}
+    if len(backends) > 1:
+        raise TypeError(
+            f"cannot combine operators of different backends with {what}: "
+            f"{' and '.join(sorted(backends))}"
+        )
+    devices = {str(o.device) for o in ops if o.device is not None}
+    if len(devices) > 1:
+        raise OperatorMismatchError(
+            f"cannot combine operators on different devices with {what}: {' and '.join(sorted(devices))}"
+        )
+    xp = next((o.xp for o in ops if o.xp is not None), None)
+    device = next((o.device for o in ops if o.device is not None), None)
+    backend = next(iter(backends), None)
+    dtypes = [o.dtype for o in ops]
+    if any(d is None for d in dtypes) or xp is None:
+        dtype = next((d for d in dtypes if d is not None), None)
+    else:
+        dtype = xp.result_type(*dtypes)
+    return dict(dtype=dtype, xp=xp, device=device, backend=backend)
+
+
+class IdentityOperator(LinearOperator):
+    """The identity on vectors of length ``n``.
+
+    Parameters
+    ----------
+    n : int
+        The size.
+    like : array, optional
+        Fixes backend, device and dtype (as for :class:`LinearOperator`).
+    dtype : dtype, optional
+        Overrides ``like.dtype``.
+
+    Examples
+    --------
+    >>> import numpy as np, linsolve_rbp as lr
+    >>> I = lr.IdentityOperator(3, like=np.zeros(3))
+    >>> (2.0 * I - I) @ np.arange(3.0)
+    array([0., 1., 2.])
+    """
+
+    def __init__(self, n, *, like=None, dtype=None):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise TypeError(f"n must be a non-negative integer, got {n!r}")
+        kw = dict(dtype=dtype)
+        if like is not None:
+            if not _b.is_array(like):
+                raise TypeError(f"like must be an array, got {type(like).__name__}")
+            kw = dict(
+                dtype=like.dtype if dtype is None else dtype,
+                xp=_b.array_namespace(like),
+                device=_b.device_of(like),
+                backend=_b.backend_name(like),
+            )
+        self._setup((n, n), **kw)
+
+    def _matvec(self, x):
+        return x
+
+    def _rmatvec(self, x):
+        return x
+
+
+class _TransposeOperator(LinearOperator):
+    def __init__(self, A: LinearOperator, conjugate: bool):
+        if not A.has_rmatvec:
+            raise A._missing_rmatvec()
+        self.A = A
+        self.conjugate = conjugate
+        self._setup((A.shape[1], A.shape[0]), dtype=A.dtype, xp=A.xp, device=A.device, backend=A.backend)
+
+    def _needs_conj(self, x):
+        if self.conjugate:
+            return False
+        xp = self.xp if self.xp is not None else _b.array_namespace(x)
+        return _b.is_complex_dtype(xp, x.dtype)
+
+    def _matvec(self, x):
+        if self._needs_conj(x):
+            xp = self.xp or _b.array_namespace(x)
+            return xp.conj(self.A._rmv(xp.conj(x)))
+        return self.A._rmv(x)
+
+    def _rmatvec(self, x):
+        if self._needs_conj(x):
+            xp = self.xp or _b.array_namespace(x)
+            return xp.conj(self.A._mv(xp.conj(x)))
+        return self.A._mv(x)
+
+    @property
+    def has_rmatvec(self):
+        return True
+
+    @property
+    def T(self):
+        return self.A if not self.conjugate else super().T
+
+    @property
+    def H(self):
+        return self.A if self.conjugate else super().H
+
+    def __repr__(self):
+        return f"{self.A!r}.{'H' if self.conjugate else 'T'}"
+
+
+class _ScaledOperator(LinearOperator):
+    def __init__(self, A: LinearOperator, c):
+        self.A = A
+        self.c = c
+        self._setup(A.shape, dtype=A.dtype, xp=A.xp, device=A.device, backend=A.backend)
+
+    def _matvec(self, x):
+        return self.c * self.A._mv(x)
+
+    def _rmatvec(self, x):
+        c = self.c
+        if isinstance(c, complex):
+            c = c.conjugate()
+        elif _b.is_array(c):
+            c = _b.array_namespace(c).conj(c)
+        return c * self.A._rmv(x)
+
+    @property
+    def has_rmatvec(self):
+        return self.A.has_rmatvec
+
+    def __repr__(self):
+        return f"({self.c} * {self.A!r})"
+
+
+class _SumOperator(LinearOperator):
+    def __init__(self, A: LinearOperator, B: LinearOperator, sign: int):
+        if A.shape != B.shape:
+            raise OperatorMismatchError(
+                f"cannot {'add' if sign > 0 else 'subtract'} operators of shapes "
+                f"{_fmt_shape(A.shape)} and {_fmt_shape(B.shape)}"
+            )
+        self.A, self.B, self.sign = A, B, sign
+        self._setup(A.shape, **_common([A, B], "+" if sign > 0 else "-"))
+
+    def _matvec(self, x):
+        return self.A._mv(x) + self.B._mv(x) if self.sign > 0 else self.A._mv(x) - self.B._mv(x)
+
+    def _rmatvec(self, x):
+        return self.A._rmv(x) + self.B._rmv(x) if self.sign > 0 else self.A._rmv(x) - self.B._rmv(x)
+
+    @property
+    def has_rmatvec(self):
+        return self.A.has_rmatvec and self.B.has_rmatvec
+
+    def __repr__(self):
+        return f"({self.A!r} {'+' if self.sign > 0 else '-'} {self.B!r})"
+
+
+class _ProductOperator(LinearOperator):
+    def __init__(self, A: LinearOperator, B: LinearOperator):
+        if A.shape[1] != B.shape[0]:
+            raise OperatorMismatchError(
+                f"cannot compose operators of shapes {_fmt_shape(A.shape)} @ "
+                f"{_fmt_shape(B.shape)}: inner sizes {A.shape[1]} and {B.shape[0]} differ"
+            )
+        self.A, self.B = A, B
+        self._setup((A.shape[0], B.shape[1]), **_common([A, B], "@"))
+
+    def _matvec(self, x):
+        return self.A._mv(self.B._mv(x))
+
+    def _rmatvec(self, x):
+        return self.B._rmv(self.A._rmv(x))
+
+    @property
+    def has_rmatvec(self):
+        return self.A.has_rmatvec and self.B.has_rmatvec
+
+    def __repr__(self):
+        return f"({self.A!r} @ {self.B!r})"
+
+
+from .matrix import aslinearoperator  # noqa: E402  (circular: matrix subclasses LinearOperator)
