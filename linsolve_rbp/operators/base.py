@@ -74,6 +74,10 @@ class LinearOperator:
     ([2.0, 4.0], 1, 1)
     """
 
+    # Make numpy defer to the operator's reflected methods: without this, ``ndarray - A`` and
+    # ``ndarray * A`` broadcast elementwise over the operator as if it were a scalar.
+    __array_ufunc__ = None
+
     def __init__(self, shape, matvec=None, rmatvec=None, *, dtype=None, like=None):
         if matvec is None:
             raise TypeError(
@@ -246,6 +250,12 @@ class LinearOperator:
             return self.matvec(other)
         return NotImplemented
 
+    def __rmatmul__(self, other):
+        other = _as_operand(other, "@")
+        if other is NotImplemented:
+            return NotImplemented
+        return _ProductOperator(other, self)
+
     def __add__(self, other):
         other = _as_operand(other, "+")
         if other is NotImplemented:
@@ -373,11 +383,15 @@ def _common(ops, what):
     xp = next((o.xp for o in ops if o.xp is not None), None)
     device = next((o.device for o in ops if o.device is not None), None)
     backend = next(iter(backends), None)
-    dtypes = [o.dtype for o in ops]
-    if any(d is None for d in dtypes) or xp is None:
-        dtype = next((d for d in dtypes if d is not None), None)
-    else:
-        dtype = xp.result_type(*dtypes)
+    dtypes = [o.dtype for o in ops if o.dtype is not None]
+    # Backends such as torch refuse mixed-dtype products, so a mixed composite would fail deep
+    # inside its first product; refuse it here instead.
+    if any(d != dtypes[0] for d in dtypes[1:]):
+        raise OperatorMismatchError(
+            f"cannot combine operators of different dtypes with {what}: "
+            f"{' and '.join(str(d) for d in dtypes)}; cast one so that they agree"
+        )
+    dtype = dtypes[0] if dtypes else None
     return dict(dtype=dtype, xp=xp, device=device, backend=backend)
 
 
