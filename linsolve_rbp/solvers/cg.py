@@ -1,0 +1,128 @@
+"""Preconditioned conjugate gradients (CG).
+
+Needs: a Hermitian positive-definite ``A``; one product with ``A`` per iteration and, when a
+preconditioner ``M ~ A^{-1}`` (itself Hermitian positive definite) is given, one application
+of ``M``. Memory: five vectors (``x``, ``r``, ``M r``, ``p``, ``A p``).
+
+The iteration itself, :func:`conjugate_gradients`, is shared with ``cgne`` (CG on the normal
+equations), which differs only in how the search direction is seeded and how its curvature
+is measured.
+
+Reference: M. R. Hestenes and E. Stiefel, "Methods of conjugate gradients for solving linear
+systems", J. Res. Natl. Bur. Stand. 49(6), 409-436, 1952.
+"""
+
+from __future__ import annotations
+
+from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm
+from ._krylov import any_active, column, real_part, safe_div
+
+__all__ = ["CG", "conjugate_gradients"]
+
+
+def conjugate_gradients(prob: Problem, mon: Monitor, x, r, seed, curvature):
+    """Run the conjugate-gradient recurrence from iterate ``x`` with residual ``r = b - A x``.
+
+    Parameters
+    ----------
+    prob : Problem
+    mon : Monitor
+        Built on ``||r||``; updated once per iteration with the residual norm and ``x``.
+    x : array, shape (B, n)
+    r : array, shape (B, m)
+        The residual of the user's system, kept by recurrence (``r <- r - alpha A p``).
+    seed : callable
+        ``seed(r, x) -> (z, rho)``: the vector that seeds the next search direction and the
+        real ``(B,)`` numerator ``rho`` of the step (``z = M r``, ``rho = <r, M r>`` for CG;
+        ``z = A^H r - eta x``, ``rho = ||z||^2`` for CGLS).
+    curvature : callable
+        ``curvature(p, q) -> (B,)`` with ``q = A p``: the step's denominator
+        (``<p, A p>`` for CG; ``||A p||^2 + eta ||p||^2`` for CGLS).
+
+    Returns
+    -------
+    x, rnorm
+        The last iterate and its residual norms (systems that stopped keep theirs).
+
+    Notes
+    -----
+    A zero numerator or denominator in a system whose residual is not zero is a breakdown
+    (singular or indefinite ``A``, or an indefinite ``M``) and that system stops with
+    BREAKDOWN; a zero residual (an exact solve in fixed-budget mode) just stops changing.
+    """
+    xp = prob.xp
+    rnorm = mon.history[0]
+    if not any_active(mon):
+        return x, rnorm
+    p = rho_old = None
+    for _ in range(prob.maxiter):
+        z, rho = seed(r, x)
+        p = z if p is None else z + column(safe_div(xp, rho, rho_old)) * p
+        q = prob.mv(p)
+        den = curvature(p, q)
+        mon.flag(((rho == 0) | (den == 0)) & (rnorm > 0), BREAKDOWN)
+        active = mon.active
+        alpha = xp.where(active, safe_div(xp, rho, den), xp.zeros_like(rho))
+        # Stopped systems keep x and r exactly, even where their p or q hold NaN.
+        x = xp.where(column(active), x + column(alpha) * p, x)
+        r = xp.where(column(active), r - column(alpha) * q, r)
+        rnorm = xp.where(active, norm(xp, r), rnorm)
+        rho_old = rho
+        if mon.update(rnorm, x):
+            break
+    return x, rnorm
+
+
+class CG(Solver):
+    """Preconditioned conjugate gradients for Hermitian positive-definite ``A``.
+
+    Needs
+        ``A`` Hermitian positive definite (not checked); one product with ``A`` per
+        iteration. An optional preconditioner ``M ~ A^{-1}``, also Hermitian positive
+        definite, is applied once per iteration.
+    Converges
+        In at most ``n`` iterations in exact arithmetic; the ``A``-norm of the error falls at
+        least like ``2 ((sqrt(kappa) - 1) / (sqrt(kappa) + 1))^k`` with ``kappa`` the condition
+        number of ``M A``.
+    Stops
+        When the residual ``r = b - A x``, kept by recurrence (no extra product), meets
+        ``max(rtol ||b||, atol)``; after ``maxiter`` iterations (COMPLETED in fixed-budget
+        mode); BREAKDOWN on a zero step denominator ``<p, A p>`` or ``<r, M r>`` (singular or
+        indefinite ``A`` or ``M``); DIVERGED / NONFINITE as for every method.
+
+    The callback sees every iterate.
+
+    References
+    ----------
+    M. R. Hestenes and E. Stiefel, "Methods of conjugate gradients for solving linear
+    systems", J. Res. Natl. Bur. Stand. 49(6), 409-436, 1952.
+
+    Examples
+    --------
+    >>> import numpy as np, linsolve_rbp as lr
+    >>> A = np.array([[4.0, 1.0], [1.0, 3.0]])
+    >>> res = lr.solve(A, np.array([1.0, 2.0]), method="cg", rtol=1e-10)
+    >>> res.status.name, res.iterations, np.allclose(A @ res.x, [1.0, 2.0])
+    ('CONVERGED', 2, True)
+    """
+
+    name = "cg"
+    needs_symmetric = True
+    accepts_preconditioner = True
+
+    def run(self, prob: Problem):
+        xp = prob.xp
+        x = prob.initial_x()
+        r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
+        mon = Monitor(prob, norm(xp, r), x0=x)
+        psolve = prob.psolve
+
+        def seed(r, x):
+            z = r if psolve is None else psolve(r)
+            return z, real_part(xp, dot(xp, r, z))
+
+        def curvature(p, q):
+            return real_part(xp, dot(xp, p, q))
+
+        x, rnorm = conjugate_gradients(prob, mon, x, r, seed, curvature)
+        return mon.finish(x, rnorm)

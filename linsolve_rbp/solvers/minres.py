@@ -1,0 +1,130 @@
+"""MINRES: minimum-residual Krylov method for Hermitian, possibly indefinite, systems.
+
+Needs: a Hermitian ``A`` (definite or not); one product with ``A`` per iteration and, when a
+preconditioner ``M ~ A^{-1}`` is given (it must be Hermitian positive definite), one
+application of ``M``. Memory: eleven vectors, whatever the number of iterations (the Lanczos
+process has a three-term recurrence).
+
+Reference: C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of linear
+equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
+"""
+
+from __future__ import annotations
+
+from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm
+from ._krylov import any_active, column, real_part, safe_div, scalars
+
+__all__ = ["MINRES"]
+
+
+class MINRES(Solver):
+    """MINRES for Hermitian, possibly indefinite, ``A`` (Paige & Saunders, 1975).
+
+    The iterate ``x_k`` minimises ``||b - A x||`` (``||b - A x||_M`` with a preconditioner)
+    over ``x0`` plus the ``k``-th Krylov space, built by the Lanczos process and solved with
+    Givens rotations.
+
+    Needs
+        ``A`` Hermitian (not checked; positive definiteness is not needed); one product with
+        ``A`` per iteration. An optional preconditioner ``M ~ A^{-1}``, which must be
+        Hermitian positive definite, is applied once per iteration.
+    Converges
+        In at most ``n`` iterations in exact arithmetic, with a monotonically falling
+        residual (in the ``M``-norm when preconditioned); on definite problems about as fast as
+        ``cg``, and also on indefinite ones, where ``cg`` may break down.
+    Stops
+        When the residual ``r = b - A x`` of the user's system, kept by recurrence alongside
+        the iterate (no extra product, also when preconditioned), meets
+        ``max(rtol ||b||, atol)``; after ``maxiter`` iterations (COMPLETED in fixed-budget
+        mode); BREAKDOWN when ``M`` turns out not to be positive definite (``<r, M r> < 0``)
+        or the projected system is singular (singular ``A`` with ``b`` outside its range);
+        DIVERGED / NONFINITE as for every method.
+
+    The callback sees every iterate.
+
+    References
+    ----------
+    C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of linear
+    equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
+
+    Examples
+    --------
+    >>> import numpy as np, linsolve_rbp as lr
+    >>> A = np.diag([3.0, -1.0, 2.0])        # symmetric indefinite
+    >>> res = lr.solve(A, np.ones(3), method="minres", rtol=1e-10)
+    >>> res.status.name, np.allclose(res.x, [1 / 3, -1.0, 0.5])
+    ('CONVERGED', True)
+    """
+
+    name = "minres"
+    needs_symmetric = True
+    accepts_preconditioner = True
+
+    def run(self, prob: Problem):
+        xp = prob.xp
+        psolve = prob.psolve if prob.psolve is not None else (lambda v: v)
+        x = prob.initial_x()
+        r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
+        mon = Monitor(prob, norm(xp, r), x0=x)
+        rnorm = mon.history[0]
+
+        # Lanczos vectors: r_prev, r_cur are unnormalised and live in A's range space;
+        # y = M r_cur, beta = sqrt(<r_cur, M r_cur>), and v = y / beta is the next basis vector.
+        zero = scalars(prob, 0.0)
+        r_prev = r_cur = r
+        y = psolve(r_cur)
+        beta2 = real_part(xp, dot(xp, r_cur, y))
+        mon.flag(beta2 < 0, BREAKDOWN)
+        beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
+        beta_old = zero
+        # Givens rotation state of the QR factorisation of the Lanczos tridiagonal matrix.
+        cs, sn = scalars(prob, -1.0), zero
+        dbar = eps = zero
+        phibar = beta
+        # Search directions w_{k-1}, w_{k-2} and their images under A, for the residual
+        # recurrence r <- r - phi A w (A w is built from A v, which Lanczos computes anyway).
+        w = w_old = xp.zeros_like(x)
+        aw = aw_old = xp.zeros_like(r)
+
+        if not any_active(mon):
+            return mon.finish(x, rnorm)
+        for _ in range(prob.maxiter):
+            v = column(safe_div(xp, scalars(prob, 1.0), beta)) * y
+            av = prob.mv(v)
+            y = av - column(safe_div(xp, beta, beta_old)) * r_prev
+            alpha = real_part(xp, dot(xp, v, y))
+            y = y - column(safe_div(xp, alpha, beta)) * r_cur
+            r_prev, r_cur = r_cur, y
+            y = psolve(r_cur)
+            beta_old = beta
+            beta2 = real_part(xp, dot(xp, r_cur, y))
+            mon.flag(beta2 < 0, BREAKDOWN)
+            beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
+
+            # Apply the previous rotation to the new column of the tridiagonal matrix, then
+            # build the rotation that annihilates its subdiagonal entry beta.
+            eps_old = eps
+            delta = cs * dbar + sn * alpha
+            gbar = sn * dbar - cs * alpha
+            eps = sn * beta
+            dbar = -cs * beta
+            gamma = xp.sqrt(gbar**2 + beta**2)
+            mon.flag((gamma == 0) & (phibar > 0), BREAKDOWN)
+            cs = safe_div(xp, gbar, gamma)
+            sn = safe_div(xp, beta, gamma)
+            phi = cs * phibar
+            phibar = sn * phibar
+
+            inv_gamma = column(safe_div(xp, scalars(prob, 1.0), gamma))
+            w_new = (v - column(eps_old) * w_old - column(delta) * w) * inv_gamma
+            aw_new = (av - column(eps_old) * aw_old - column(delta) * aw) * inv_gamma
+            w_old, w = w, w_new
+            aw_old, aw = aw, aw_new
+
+            active = mon.active
+            x = xp.where(column(active), x + column(phi) * w, x)
+            r = xp.where(column(active), r - column(phi) * aw, r)
+            rnorm = xp.where(active, norm(xp, r), rnorm)
+            if mon.update(rnorm, x):
+                break
+        return mon.finish(x, rnorm)
