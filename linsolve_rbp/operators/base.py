@@ -251,10 +251,16 @@ class LinearOperator:
         return NotImplemented
 
     def __rmatmul__(self, other):
-        other = _as_operand(other, "@")
-        if other is NotImplemented:
-            return NotImplemented
-        return _ProductOperator(other, self)
+        if _b.is_sparse(other):
+            return _ProductOperator(aslinearoperator(other), self)
+        if _b.is_array(other):
+            # As for A @ M: a 2-D array could be a matrix or a batch of vectors; say which.
+            raise OperatorMismatchError(
+                f"M @ A with an array M of shape {_fmt_shape(tuple(other.shape))} is ambiguous; "
+                "to compose with a matrix use lr.aslinearoperator(M) @ A, and for products "
+                "with A^H use A.rmatvec"
+            )
+        return NotImplemented
 
     def __add__(self, other):
         other = _as_operand(other, "+")
