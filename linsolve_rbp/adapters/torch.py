@@ -619,6 +619,8 @@ class _AdjointHook:
         self.info = info
 
     def __call__(self, g):
+        if g is None:  # an undefined gradient (no loss depends on the output) stays undefined
+            return None
         b = _flat(g.detach(), self.batch_dims).to(self.h_star.dtype)
         J = JacobianOperator(self.f, self.h_star, jvp=self.jvp, batch_dims=self.batch_dims)
         A = IdentityOperator(J.shape[0], like=b) - J.T

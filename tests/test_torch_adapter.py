@@ -1,0 +1,590 @@
+"""The torch adapter: Jacobian operators, implicit gradients, the fixed-point layer, baselines.
+
+Gradients are checked against an independent route: the dense formula
+``(df/dw)^T (I - J^T)^{-1} g`` with ``J`` and ``df/dw`` built by
+``torch.autograd.functional.jacobian``, TBPTT at a converged fixed point (Proposition 1 of Liao
+et al., 2018), and ``torch.autograd.gradcheck``.
+"""
+
+import importlib.util
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import linsolve_rbp as lr  # noqa: E402
+from linsolve_rbp.adapters import torch as lrt  # noqa: E402
+
+F64 = torch.float64
+
+
+def _has_solver(name):
+    return importlib.util.find_spec(f"linsolve_rbp.solvers.{name}") is not None
+
+
+def _method(name, module=None):
+    module = module or name
+    return pytest.param(
+        name, marks=pytest.mark.skipif(not _has_solver(module), reason=f"solver {name} not available")
+    )
+
+
+# -- models ---------------------------------------------------------------------------------
+class TanhRNN:
+    """``h <- tanh(W h + U x + b)`` with ``||W||_2 = 0.6`` (contracting)."""
+
+    def __init__(self, n=6, d=3, batch=None, seed=0, dtype=F64):
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(n, n, generator=g, dtype=dtype)
+        W = 0.6 * W / torch.linalg.matrix_norm(W, 2)
+        U = torch.randn(n, d, generator=g, dtype=dtype) / d**0.5
+        b = 0.1 * torch.randn(n, generator=g, dtype=dtype)
+        xshape = (d,) if batch is None else (batch, d)
+        self.x = torch.randn(*xshape, generator=g, dtype=dtype)
+        self.params = [W.requires_grad_(), U.requires_grad_(), b.requires_grad_()]
+        self.hshape = (n,) if batch is None else (batch, n)
+        self.dtype = dtype
+
+    @staticmethod
+    def step(h, x, W, U, b):
+        return torch.tanh(h @ W.T + x @ U.T + b)
+
+    def f(self, h):
+        return self.step(h, self.x, *self.params)
+
+    def f_of_params(self, h):
+        return lambda *ps: self.step(h, self.x, *ps)
+
+
+class Hopfield:
+    """``h <- W sigmoid(0.5 h) + clamp`` with ``W`` symmetric, zero diagonal, ``||W||_2 = 4``,
+    so that ``||J|| <= 4 * 0.5 * 0.25 = 0.5``."""
+
+    def __init__(self, n=8, seed=1, dtype=F64):
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(n, n, generator=g, dtype=dtype)
+        W = W + W.T
+        W.fill_diagonal_(0.0)
+        W = 4.0 * W / torch.linalg.matrix_norm(W, 2)
+        clamp = torch.randn(n, generator=g, dtype=dtype)
+        self.params = [W.requires_grad_(), clamp.requires_grad_()]
+        self.hshape = (n,)
+        self.dtype = dtype
+        self.x = None
+
+    @staticmethod
+    def step(h, W, clamp):
+        return torch.sigmoid(0.5 * h) @ W.T + clamp
+
+    def f(self, h):
+        return self.step(h, *self.params)
+
+    def f_of_params(self, h):
+        return lambda *ps: self.step(h, *ps)
+
+
+def _fixed_point(model, iters=400):
+    h = torch.zeros(model.hshape, dtype=model.dtype)
+    with torch.no_grad():
+        for _ in range(iters):
+            h = model.f(h)
+    return h
+
+
+def _exact_grads(model, h, g):
+    """``(df/dw)^T (I - J^T)^{-1} g`` from dense Jacobians."""
+    n = h.numel()
+    J = torch.autograd.functional.jacobian(model.f, h).reshape(n, n)
+    z = torch.linalg.solve(torch.eye(n, dtype=h.dtype) - J.T, g.reshape(n))
+    jac = torch.autograd.functional.jacobian(model.f_of_params(h), tuple(p.detach() for p in model.params))
+    return [torch.tensordot(z, jp.reshape(n, *p.shape), dims=1) for jp, p in zip(jac, model.params)]
+
+
+def _rel(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+MODELS = {"tanh_rnn": TanhRNN, "hopfield": Hopfield}
+ACCURATE = {
+    "gmres": dict(rtol=1e-12),
+    "bicgstab": dict(rtol=1e-12),
+    "cgne": dict(rtol=1e-12),
+    "lsqr": dict(rtol=1e-12, maxiter=1000),
+    "neumann": dict(rtol=1e-13, maxiter=500),
+    "fixed_point": dict(rtol=1e-13, maxiter=500),
+}
+
+
+# -- implicit gradients against the dense formula ------------------------------------------
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize(
+    "method",
+    [_method("gmres"), _method("bicgstab"), _method("cgne"), _method("lsqr"), "neumann", "fixed_point"],
+)
+def test_implicit_grad_matches_dense_formula(model_name, method):
+    model = MODELS[model_name]()
+    h = _fixed_point(model)
+    g = torch.randn(model.hshape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    grads, res = lrt.implicit_grad(model.f, h, g, model.params, method=method, on_failure="raise", **ACCURATE[method])
+    assert res.success
+    assert len(grads) == len(model.params)
+    for got, want, p in zip(grads, _exact_grads(model, h, g), model.params):
+        assert got.shape == p.shape and got.dtype == p.dtype
+        assert _rel(got, want) < 1e-9
+    for p in model.params:
+        assert p.grad is None  # implicit_grad returns gradients; it does not accumulate them
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("method", [_method("gmres"), _method("cgne"), "neumann"])
+def test_fixed_point_layer_matches_dense_formula(model_name, method):
+    model = MODELS[model_name]()
+    g = torch.randn(model.hshape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    backward = dict(ACCURATE[method], method=method)
+    h, info = lrt.fixed_point(
+        model.f, torch.zeros(model.hshape, dtype=F64), forward_maxiter=500, forward_tol=1e-14,
+        backward=backward, on_failure="raise", return_info=True,
+    )
+    assert info.forward.converged and info.backward is None
+    (h * g).sum().backward()
+    assert info.backward.success and info.backward.method == method
+    assert lrt.last_backward_result() is info.backward
+    for p, want in zip(model.params, _exact_grads(model, h.detach(), g)):
+        assert _rel(p.grad, want) < 1e-9
+
+
+def test_unused_parameter_gets_zero_gradient():
+    model = TanhRNN()
+    extra = torch.ones(3, dtype=F64, requires_grad=True)
+    h = _fixed_point(model)
+    grads, _ = lrt.implicit_grad(model.f, h, torch.ones_like(h), model.params + [extra], method="neumann", rtol=1e-10)
+    assert torch.equal(grads[-1], torch.zeros(3, dtype=F64))
+
+
+def test_implicit_grad_batched_equals_per_sample():
+    model = TanhRNN(batch=4)
+    h = _fixed_point(model)
+    g = torch.randn(model.hshape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    grads, res = lrt.implicit_grad(model.f, h, g, model.params, method="neumann", batch_dims=1, rtol=1e-13, maxiter=500)
+    assert res.statuses is not None and len(res.statuses) == 4 and res.success
+    want = [torch.zeros_like(p) for p in model.params]
+    for i in range(4):
+        single = TanhRNN()
+        single.params = model.params
+        single.x = model.x[i, ...]
+        for w, e in zip(want, _exact_grads(single, h[i, ...], g[i, ...])):
+            w += e
+    for got, w in zip(grads, want):
+        assert _rel(got, w) < 1e-9
+
+
+def test_fixed_point_batched_and_any_state_shape():
+    g = torch.Generator().manual_seed(3)
+    W = (0.3 * torch.randn(2, 2, dtype=F64, generator=g)).requires_grad_()
+    x = torch.randn(5, 3, 2, dtype=F64, generator=g)
+
+    def f(h):  # state of shape (5, 3, 2): a batch of 5 samples of shape (3, 2)
+        return torch.tanh(h @ W.T + x)
+
+    h, info = lrt.fixed_point(
+        f, torch.zeros(5, 3, 2, dtype=F64), batch_dims=1, forward_maxiter=300, forward_tol=1e-14,
+        backward={"method": "neumann", "rtol": 1e-13, "maxiter": 500}, return_info=True,
+    )
+    assert info.forward.residual_norm.shape == (5,)
+    h.square().sum().backward()
+    assert len(info.backward.statuses) == 5
+    grad_batched = W.grad.clone()
+    W.grad = None
+    h2 = lrt.fixed_point(f, torch.zeros(5, 3, 2, dtype=F64), forward_maxiter=300, forward_tol=1e-14,
+                         backward={"method": "neumann", "rtol": 1e-13, "maxiter": 500})
+    h2.square().sum().backward()
+    assert _rel(grad_batched, W.grad) < 1e-9
+
+
+# -- Proposition 1: Neumann-RBP with K terms equals TBPTT with truncation K -------------------
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("K", [2, 5, 10])
+def test_neumann_rbp_equals_tbptt_at_fixed_point(model_name, K):
+    model = MODELS[model_name]()
+    g = torch.randn(model.hshape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    hT = lrt.unroll(model.f, torch.zeros(model.hshape, dtype=F64), steps=400, truncate=K)
+    tbptt = torch.autograd.grad((hT * g).sum(), model.params)
+    # K terms z = sum_{k<K} (J^T)^k g: neumann adds maxiter terms after the first.
+    rbp, res = lrt.implicit_grad(model.f, hT.detach(), g, model.params, method="neumann",
+                                 rtol=None, atol=None, maxiter=K - 1)
+    assert res.status is lr.Status.COMPLETED and res.iterations == K - 1
+    for a, b in zip(rbp, tbptt):
+        assert _rel(a, b) < 1e-11
+
+
+def test_fixed_budget_fixed_point_rbp_equals_neumann_rbp():
+    # Proposition 3 of the paper: K + 1 RBP iterations from zero equal K Neumann-RBP terms.
+    model = TanhRNN()
+    h = _fixed_point(model)
+    g = torch.ones_like(h)
+    a, _ = lrt.implicit_grad(model.f, h, g, model.params, method="neumann", rtol=None, atol=None, maxiter=4)
+    b, _ = lrt.implicit_grad(model.f, h, g, model.params, method="fixed_point", rtol=None, atol=None, maxiter=5)
+    for x, y in zip(a, b):
+        assert _rel(x, y) < 1e-12
+
+
+# -- gradcheck ------------------------------------------------------------------------------
+def test_gradcheck_through_fixed_point():
+    g = torch.Generator().manual_seed(4)
+    W = (0.4 * torch.randn(3, 3, dtype=F64, generator=g)).requires_grad_()
+    x = torch.randn(3, dtype=F64, generator=g).requires_grad_()
+
+    def layer(W, x):
+        return lrt.fixed_point(
+            lambda h: torch.tanh(h @ W.T + x), torch.zeros(3, dtype=F64), forward_maxiter=1000,
+            forward_tol=1e-15, backward={"method": "neumann", "rtol": 1e-14, "maxiter": 1000},
+            on_failure="raise",
+        )
+
+    assert torch.autograd.gradcheck(layer, (W, x), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# -- failure policy -------------------------------------------------------------------------
+def _repelling_linear_map():
+    """``f(h) = A h + c`` with spectral radius of ``A`` 1.5: ``h*`` exists but fixed-point and
+    Neumann iterations on ``J^T = A^T`` diverge."""
+    g = torch.Generator().manual_seed(9)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=F64, generator=g))
+    A = (Q @ torch.diag(torch.tensor([1.5, 0.5, -0.3, 0.2], dtype=F64)) @ Q.T).requires_grad_()
+    c = torch.randn(4, dtype=F64, generator=g).requires_grad_()
+    with torch.no_grad():
+        h_star = torch.linalg.solve(torch.eye(4, dtype=F64) - A, c)
+    return (lambda h: A @ h + c), h_star, [A, c]
+
+
+BAD_BACKWARD = {"method": "neumann", "rtol": 1e-10, "maxiter": 500}
+
+
+def test_failure_policy_warn():
+    f, h_star, params = _repelling_linear_map()
+    h = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="warn")
+    with pytest.warns(lr.ConvergenceWarning, match="diverged"):
+        h.sum().backward()
+    assert lrt.last_backward_result().status is lr.Status.DIVERGED
+    for p in params:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    with pytest.warns(lr.ConvergenceWarning):
+        grads, res = lrt.implicit_grad(f, h_star, torch.ones(4, dtype=F64), params, **BAD_BACKWARD)
+    assert not res.success and all(torch.isfinite(gr).all() for gr in grads)
+
+
+def test_failure_policy_raise():
+    f, h_star, params = _repelling_linear_map()
+    h = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="raise")
+    with pytest.raises(lr.SolveError) as err:
+        h.sum().backward()
+    assert err.value.result.status is lr.Status.DIVERGED
+    assert all(p.grad is None for p in params)
+    with pytest.raises(lr.SolveError):
+        lrt.implicit_grad(f, h_star, torch.ones(4, dtype=F64), params, on_failure="raise", **BAD_BACKWARD)
+
+
+def test_failure_policy_ignore():
+    f, h_star, params = _repelling_linear_map()
+    h = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h.sum().backward()
+    assert not lrt.last_backward_result().success
+    for p in params:
+        assert torch.isfinite(p.grad).all()
+
+
+def test_forward_failure_policy():
+    model = TanhRNN()
+    h0 = torch.zeros(model.hshape, dtype=F64)
+    with pytest.warns(lr.ConvergenceWarning, match="forward"):
+        _, info = lrt.fixed_point(model.f, h0, forward_maxiter=2, forward_tol=1e-12, return_info=True)
+    assert info.forward.status is lr.Status.MAX_ITERATIONS and info.forward.iterations == 2
+    with pytest.raises(lr.SolveError):
+        lrt.fixed_point(model.f, h0, forward_maxiter=2, forward_tol=1e-12, on_failure="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = lrt.fixed_point(model.f, h0, forward_maxiter=2, forward_tol=None, return_info=True)
+    assert info.forward.status is lr.Status.COMPLETED
+    with pytest.warns(lr.ConvergenceWarning, match="non-finite|nonfinite"):
+        lrt.fixed_point(lambda h: 10.0 * h + 1e300, h0, forward_maxiter=50)
+
+
+# -- nn.Module inside a larger graph --------------------------------------------------------
+def test_module_grads_filled_by_backward_inside_larger_graph():
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(3, 4).double()
+    cell = torch.nn.GRUCell(4, 5).double()
+    readout = torch.nn.Linear(5, 2).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.mul_(0.5)
+    x = torch.randn(2, 3, dtype=F64)
+    modules = [encoder, cell, readout]
+
+    def loss_with(solver):
+        u = encoder(x)  # f closes over a non-leaf input
+        h = solver(lambda h: cell(u, h), torch.zeros(2, 5, dtype=F64))
+        return readout(h).square().sum()
+
+    loss = loss_with(lambda f, h0: lrt.fixed_point(
+        f, h0, forward_maxiter=500, forward_tol=1e-14, backward={"method": "neumann", "rtol": 1e-13, "maxiter": 1000}))
+    loss.backward()
+    rbp = [p.grad.clone() for m in modules for p in m.parameters()]
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    loss_with(lambda f, h0: lrt.unroll(f, h0, steps=300)).backward()  # BPTT, converged
+    bptt = [p.grad for m in modules for p in m.parameters()]
+    assert all(torch.count_nonzero(r) > 0 for r in rbp)
+    for a, b in zip(rbp, bptt):
+        assert _rel(a, b) < 1e-8
+
+
+def test_h0_gets_zero_gradient():
+    model = TanhRNN()
+    h0 = torch.randn(model.hshape, dtype=F64, requires_grad=True)
+    h = lrt.fixed_point(model.f, h0, forward_maxiter=200, backward={"method": "neumann", "rtol": 1e-8})
+    h.sum().backward()
+    assert torch.equal(h0.grad, torch.zeros_like(h0))
+
+
+def test_no_graph_without_grad_mode():
+    model = TanhRNN()
+    with torch.no_grad():
+        h = lrt.fixed_point(model.f, torch.zeros(model.hshape, dtype=F64))
+    assert not h.requires_grad
+
+
+# -- memory ---------------------------------------------------------------------------------
+def _saved_bytes(run):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return total[0]
+
+
+def test_saved_memory_does_not_grow_with_forward_iterations():
+    model = TanhRNN(n=32)
+    h0 = torch.zeros(model.hshape, dtype=F64)
+    fp = [_saved_bytes(lambda: lrt.fixed_point(model.f, h0, forward_maxiter=k, forward_tol=None)) for k in (10, 100)]
+    bptt = [_saved_bytes(lambda: lrt.unroll(model.f, h0, steps=k)) for k in (10, 100)]
+    assert fp[0] == fp[1] > 0
+    assert bptt[1] > 5 * bptt[0]  # the measurement sees growth where there is some
+
+
+# -- warm start -----------------------------------------------------------------------------
+def test_warm_start_reuses_previous_solution():
+    model = TanhRNN()
+    ws = lrt.WarmStart()
+    backward = {"method": "neumann", "rtol": 1e-10, "maxiter": 500}
+    iters = []
+    for _ in range(2):
+        h, info = lrt.fixed_point(model.f, torch.zeros(model.hshape, dtype=F64), forward_tol=1e-12,
+                                  forward_maxiter=300, backward=backward, warm_start=ws, return_info=True)
+        h.sum().backward()
+        iters.append(info.backward.iterations)
+    assert (ws.misses, ws.hits) == (1, 1)
+    assert iters[1] < iters[0]
+    # A state of another shape does not use the stored solution.
+    other = TanhRNN(batch=2)
+    lrt.fixed_point(other.f, torch.zeros(other.hshape, dtype=F64), backward=backward, warm_start=ws).sum().backward()
+    assert ws.misses == 2
+
+
+def test_implicit_grad_x0_warm_start():
+    model = TanhRNN()
+    h = _fixed_point(model)
+    g = torch.ones_like(h)
+    _, cold = lrt.implicit_grad(model.f, h, g, model.params, method="neumann", rtol=1e-10)
+    _, warm = lrt.implicit_grad(model.f, h, g, model.params, method="neumann", rtol=1e-10, x0=cold.x)
+    assert warm.iterations < cold.iterations
+
+
+# -- JacobianOperator -----------------------------------------------------------------------
+def _dense_J(f, h):
+    n = h.numel()
+    return torch.autograd.functional.jacobian(f, h).reshape(n, n)
+
+
+@pytest.mark.parametrize("jvp", ["auto", "forward", "double_backward"])
+def test_jacobian_operator_products_and_dot_test(jvp):
+    model = TanhRNN()
+    h = torch.randn(model.hshape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    J = lrt.JacobianOperator(model.f, h, jvp=jvp)
+    Jd = _dense_J(model.f, h)
+    gen = torch.Generator().manual_seed(2)
+    v, u = torch.randn(6, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
+    Jv, JTu = J @ v, J.T @ u
+    assert _rel(Jv, Jd @ v) < 1e-13 and _rel(JTu, Jd.T @ u) < 1e-13
+    assert abs(float(torch.dot(Jv, u) - torch.dot(v, JTu))) < 1e-13 * float(Jv.norm() * u.norm())
+    assert (J.matvec_count, J.rmatvec_count) == (1, 1)
+    V = torch.randn(3, 6, dtype=F64, generator=gen)
+    assert _rel(J.matvec(V), V @ Jd.T) < 1e-13 and _rel(J.rmatvec(V), V @ Jd) < 1e-13
+    assert (J.matvec_count, J.rmatvec_count) == (2, 2)
+    assert J.jvp_mode in ("forward", "double_backward")
+
+
+def test_jacobian_operator_forward_and_double_backward_agree_any_shape():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 4, dtype=F64, generator=g, requires_grad=True)
+
+    def f(h):  # a state of shape (2, 3, 4)
+        return torch.sin(h @ W) * h
+
+    h = torch.randn(2, 3, 4, dtype=F64, generator=g)
+    v = torch.randn(24, dtype=F64, generator=g)
+    a = lrt.JacobianOperator(f, h, jvp="forward") @ v
+    b = lrt.JacobianOperator(f, h, jvp="double_backward") @ v
+    assert a.shape == (24,) and _rel(a, b) < 1e-13 and _rel(a, _dense_J(f, h) @ v) < 1e-13
+
+
+def test_jacobian_operator_records_f_once_for_many_vjps():
+    model = TanhRNN()
+    calls = [0]
+
+    def f(h):
+        calls[0] += 1
+        return model.f(h)
+
+    h = _fixed_point(model)
+    J = lrt.JacobianOperator(f, h, jvp="double_backward")
+    u = torch.ones(6, dtype=F64)
+    for _ in range(20):
+        u = J.T @ u
+    for _ in range(5):
+        J @ u
+    assert calls[0] == 1 and J.f_evals == 1 and J.rmatvec_count == 20 and J.matvec_count == 5
+
+
+def test_jacobian_products_are_detached():
+    model = TanhRNN()
+    h = torch.randn(model.hshape, dtype=F64, requires_grad=True)
+    J = lrt.JacobianOperator(model.f, h)
+    u = torch.ones(6, dtype=F64, requires_grad=True)
+    assert not (J.T @ u).requires_grad and not (J @ u).requires_grad
+    assert h.grad is None and all(p.grad is None for p in model.params)
+
+
+def test_jacobian_operator_batched_blocks_equal_per_sample():
+    model = TanhRNN(batch=3)
+    h = torch.randn(model.hshape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    J = lrt.JacobianOperator(model.f, h, batch_dims=1)
+    assert J.shape == (6, 6)
+    V = torch.randn(3, 6, dtype=F64, generator=torch.Generator().manual_seed(2))
+    JV, JTV = J.matvec(V), J.rmatvec(V)
+    for i in range(3):
+        fi = (lambda i: lambda hi: TanhRNN.step(hi, model.x[i, ...], *model.params))(i)
+        Ji = lrt.JacobianOperator(fi, h[i, ...])
+        assert _rel(JV[i, ...], Ji @ V[i, ...]) < 1e-13
+        assert _rel(JTV[i, ...], Ji.T @ V[i, ...]) < 1e-13
+    with pytest.raises(lr.OperatorMismatchError, match="batch"):
+        J.matvec(V[0, ...])
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """``tanh`` with a backward formula only, as many custom operations are written."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+@pytest.mark.parametrize("case", ["gru_cell", "in_place", "no_forward_mode"])
+def test_auto_jvp_works_where_forward_mode_does_or_does_not(case):
+    torch.manual_seed(0)
+    if case == "gru_cell":
+        cell = torch.nn.GRUCell(3, 4).double()
+        x = torch.randn(2, 3, dtype=F64)
+        f, h = (lambda h: cell(x, h)), torch.randn(2, 4, dtype=F64)
+    else:
+        W = torch.randn(4, 4, dtype=F64, requires_grad=True)
+        h = torch.randn(4, dtype=F64)
+        if case == "in_place":
+            def f(h):
+                y = h @ W.T
+                y.mul_(0.5)
+                y.tanh_()
+                return y
+        else:
+            def f(h):
+                return _NoForwardMode.apply(h @ W.T)
+    J = lrt.JacobianOperator(f, h, jvp="auto")
+    v = torch.randn(h.numel(), dtype=F64)
+    assert _rel(J @ v, _dense_J(f, h) @ v) < 1e-13
+    if case == "no_forward_mode":
+        assert J.jvp_mode == "double_backward"
+        with pytest.raises(Exception):
+            lrt.JacobianOperator(f, h, jvp="forward") @ v
+
+
+def test_jacobian_operator_float32_solve():
+    model = TanhRNN(dtype=torch.float32)
+    h = _fixed_point(model, 100)
+    grads, res = lrt.implicit_grad(model.f, h, torch.ones_like(h), model.params, method="neumann", rtol=1e-5)
+    assert res.success and res.x.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in grads)
+    with pytest.raises(TypeError, match="dtype"):
+        lrt.JacobianOperator(model.f, h).matvec(torch.ones(6, dtype=F64))
+
+
+def test_bad_input_messages():
+    model = TanhRNN()
+    h = torch.zeros(model.hshape, dtype=F64)
+    with pytest.raises(TypeError, match="h must"):
+        lrt.JacobianOperator(model.f, h.numpy())
+    with pytest.raises(TypeError, match="floating"):
+        lrt.JacobianOperator(model.f, torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="same shape"):
+        lrt.JacobianOperator(lambda h: h[:3], h)
+    with pytest.raises(ValueError, match="jvp"):
+        lrt.JacobianOperator(model.f, h, jvp="reverse")
+    with pytest.raises(ValueError, match="batch_dims"):
+        lrt.JacobianOperator(model.f, h, batch_dims=2)
+    with pytest.raises(ValueError, match="grad_h"):
+        lrt.implicit_grad(model.f, h, torch.ones(5, dtype=F64), model.params)
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        lrt.implicit_grad(model.f, h, torch.ones_like(h), [torch.ones(2, dtype=F64)])
+    with pytest.raises(ValueError, match="on_failure"):
+        lrt.fixed_point(model.f, h, on_failure="loud")
+    with pytest.raises(ValueError, match="method"):
+        lrt.fixed_point(model.f, h, backward={"method": "nope"})
+    with pytest.raises(ValueError, match="forward_maxiter"):
+        lrt.fixed_point(model.f, h, forward_maxiter=0)
+    with pytest.raises(ValueError, match="x0"):
+        lrt.fixed_point(model.f, h, backward={"method": "neumann", "x0": h})
+    with pytest.raises(TypeError, match="warm_start"):
+        lrt.fixed_point(model.f, h, warm_start="yes")
+
+
+# -- unroll ---------------------------------------------------------------------------------
+def test_unroll_bptt_and_tbptt():
+    w = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    h0 = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    f = lambda h: w * h + 1.0  # noqa: E731
+    h = lrt.unroll(f, h0, steps=3)
+    (dh0, dw) = torch.autograd.grad(h, (h0, w))
+    # h3 = w^3 h0 + w^2 + w + 1: d/dh0 = w^3, d/dw = 3 w^2 h0 + 2 w + 1
+    assert dh0.item() == pytest.approx(0.125) and dw.item() == pytest.approx(2.75)
+    h = lrt.unroll(f, h0, steps=3, truncate=1)
+    # Only the last step is recorded: d h3 / dw = h2 = w^2 h0 + w + 1.
+    (dw,) = torch.autograd.grad(h, (w,))
+    assert dw.item() == pytest.approx(1.75)
+    assert not lrt.unroll(f, h0, steps=3, truncate=0).requires_grad
+    with pytest.raises(ValueError, match="truncate"):
+        lrt.unroll(f, h0, steps=3, truncate=4)
+    with pytest.raises(ValueError, match="steps"):
+        lrt.unroll(f, h0, steps=-1)
