@@ -132,10 +132,10 @@ def test_batched_systems_are_independent(method, backend):
     n = 30
     A, Q = spd(n, 1.0, 20.0, seed=6)
     rng = np.random.default_rng(7)
-    # Right-hand sides in 3, 8 and all 30 eigendirections: CG and MINRES need about that many
-    # iterations, so the systems converge at different iterations.
+    # Right-hand sides in 3, 8 and 15 eigendirections: CG and MINRES then converge in that
+    # many iterations (an abrupt drop of the residual), so at different iterations.
     B = np.stack([Q[:, :3] @ rng.standard_normal(3), Q[:, :8] @ rng.standard_normal(8),
-                  rng.standard_normal(n)])
+                  Q[:, :15] @ rng.standard_normal(15)])
     rtol = 1e-8
     snaps = []
     res = lr.solve(to_backend(A, backend), to_backend(B, backend), method=method, rtol=rtol,
@@ -150,7 +150,7 @@ def test_batched_systems_are_independent(method, backend):
         single = lr.solve(A, B[i], method=method, rtol=rtol)
         # Each system takes as many iterations as it does alone and then stops changing.
         assert single.iterations == iters[i]
-        np.testing.assert_allclose(x[i], single.x, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(x[i], single.x, rtol=1e-7)
         for snap in snaps[iters[i]:]:
             assert np.array_equal(snap[i], snaps[iters[i] - 1][i])
         np.testing.assert_allclose(x[i], np.linalg.solve(A, B[i]), rtol=1e-6)
