@@ -588,3 +588,31 @@ def test_unroll_bptt_and_tbptt():
         lrt.unroll(f, h0, steps=3, truncate=4)
     with pytest.raises(ValueError, match="steps"):
         lrt.unroll(f, h0, steps=-1)
+
+
+# -- CUDA -----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cuda_fixed_point_and_jacobian(dtype):
+    ref = TanhRNN(batch=4)
+    x = ref.x.to(device="cuda", dtype=dtype)
+    params = [p.detach().to(device="cuda", dtype=dtype).requires_grad_() for p in ref.params]
+
+    def f(h):
+        return TanhRNN.step(h, x, *params)
+
+    h0 = torch.zeros(ref.hshape, dtype=dtype, device="cuda")
+    J = lrt.JacobianOperator(f, h0, batch_dims=1)
+    assert J.device.type == "cuda" and J.dtype == dtype
+    V = torch.ones(4, 6, dtype=dtype, device="cuda")
+    assert J.matvec(V).device.type == "cuda" and J.rmatvec(V).device.type == "cuda"
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    h, info = lrt.fixed_point(f, h0, batch_dims=1, forward_maxiter=300, forward_tol=tol,
+                              backward={"method": "gmres", "rtol": tol}, return_info=True)
+    h.sum().backward()
+    assert info.forward.success and info.backward.success
+    want, _ = lrt.implicit_grad(ref.f, _fixed_point(ref), torch.ones(ref.hshape, dtype=F64), ref.params,
+                                method="neumann", batch_dims=1, rtol=1e-13, maxiter=500)
+    for p, w in zip(params, want):
+        assert p.grad.device.type == "cuda"
+        assert _rel(p.grad.cpu().double(), w) < (1e-3 if dtype == torch.float32 else 1e-9)

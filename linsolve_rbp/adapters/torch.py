@@ -599,7 +599,8 @@ class _ZeroGradTo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         shape, dtype, device = ctx.h0_meta
-        return g, torch.zeros(shape, dtype=dtype, device=device)
+        gy = g if ctx.needs_input_grad[0] else None
+        return gy, torch.zeros(shape, dtype=dtype, device=device)
 
 
 class _AdjointHook:
