@@ -132,7 +132,8 @@ def test_lsqr_damp_matches_augmented_lstsq(shape):
     res = lr.solve(A, b, method="lsqr", rtol=1e-10, damp=damp)
     assert res.converged
     n = shape[1]
-    ref = np.linalg.lstsq(np.vstack([A, damp * np.eye(n)]), np.concatenate([b, np.zeros(n)]), rcond=None)[0]
+    augmented = np.vstack([A, damp * np.eye(n)])
+    ref = np.linalg.lstsq(augmented, np.concatenate([b, np.zeros(n)]), rcond=None)[0]
     np.testing.assert_allclose(res.x, ref, rtol=1e-7, atol=1e-10)
     # The reported residual is that of the user's system, not the damped one.
     assert res.residual_norm == pytest.approx(np.linalg.norm(b - A @ res.x), rel=1e-6)
@@ -283,7 +284,8 @@ def test_cgne_rejects_rectangular_operator_lsqr_does_not():
 def test_complex_nonsymmetric(method):
     n = 20
     rng = np.random.default_rng(18)
-    A = np.eye(n) + 0.3 * (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))) / np.sqrt(n)
+    G = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
+    A = np.eye(n) + 0.3 * G / np.sqrt(n)
     b = rng.standard_normal(n) + 1j * rng.standard_normal(n)
     res = lr.solve(A, b, method=method, rtol=1e-10)
     assert res.converged and res.x.dtype == np.complex128
@@ -314,3 +316,14 @@ def test_lsqr_iteration_counts_match_scipy(case):
     assert ours.info["least_squares"] is (atol > 0)
     assert abs(ours.iterations - theirs[2]) <= max(1, math.ceil(0.05 * theirs[2]))
     np.testing.assert_allclose(ours.x, theirs[0], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_tensors_stay_on_the_device(method):
+    A, _ = adjoint_matrix(50, seed=21)
+    B = np.random.default_rng(22).standard_normal((3, 50))
+    At, Bt = torch.from_numpy(A).cuda(), torch.from_numpy(B).cuda()
+    res = lr.solve(At, Bt, method=method, rtol=1e-8, batch_dims=1)
+    assert res.converged.all() and res.x.device == Bt.device
+    np.testing.assert_allclose(res.x.cpu().numpy(), np.linalg.solve(A, B.T).T, rtol=1e-6)

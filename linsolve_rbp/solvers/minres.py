@@ -17,6 +17,13 @@ from ._krylov import any_active, column, real_part, safe_div, scalars
 __all__ = ["MINRES"]
 
 
+def _indefinite(xp, rmr, r, mr):
+    """Systems where ``<r, M r>`` is negative beyond round-off: ``M`` is not positive
+    definite."""
+    roundoff = 100 * xp.finfo(rmr.dtype).eps * norm(xp, r) * norm(xp, mr)
+    return rmr < -roundoff
+
+
 class MINRES(Solver):
     """MINRES for Hermitian, possibly indefinite, ``A`` (Paige & Saunders, 1975).
 
@@ -74,7 +81,7 @@ class MINRES(Solver):
         r_prev = r_cur = r
         y = psolve(r_cur)
         beta2 = real_part(xp, dot(xp, r_cur, y))
-        mon.flag(beta2 < 0, BREAKDOWN)
+        mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
         beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
         beta_old = zero
         # Givens rotation state of the QR factorisation of the Lanczos tridiagonal matrix.
@@ -98,7 +105,7 @@ class MINRES(Solver):
             y = psolve(r_cur)
             beta_old = beta
             beta2 = real_part(xp, dot(xp, r_cur, y))
-            mon.flag(beta2 < 0, BREAKDOWN)
+            mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
             beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
 
             # Apply the previous rotation to the new column of the tridiagonal matrix, then
