@@ -2,7 +2,7 @@
 
 Needs: products with ``A`` and ``A^H``, one of each per iteration (one more ``A^H`` product to
 start). ``A`` may be rectangular (``m x n``), nonsymmetric, singular. Memory: four
-``n``-vectors and three ``m``-vectors.
+``n``-vectors and four ``m``-vectors.
 
 Solves ``A x = b`` when it is consistent and ``min ||b - A x||`` (minimum norm from
 ``x0 = 0``) when it is not, optionally damped: ``min ||b - A x||^2 + damp^2 ||x||^2``.
@@ -44,9 +44,10 @@ class LSQR(Solver):
         DIVERGED / NONFINITE as for every method. An exact solution found early
         (bidiagonalisation ended) is not a breakdown: the iterate then stops changing.
 
-    With ``atol=0`` the first test is that of ``scipy.sparse.linalg.lsqr(atol=0,
-    btol=rtol)``; the second is scipy's ``atol`` test with ``atol=rtol``. There is no test on
-    the condition number (scipy's ``conlim``).
+    For ``damp=0`` and ``atol=0`` the first test is that of
+    ``scipy.sparse.linalg.lsqr(atol=0, btol=rtol)`` (which tests its estimate of ``||r||``
+    where we test the recurred residual); the second is scipy's ``atol`` test with
+    ``atol=rtol``. There is no test on the condition number (scipy's ``conlim``).
 
     The callback sees every iterate.
 
