@@ -149,7 +149,8 @@ class Monitor:
         self.codes = xp.full((B,), RUNNING, dtype=xp.int64, device=prob.device)
         self.active = xp.ones((B,), dtype=xp.bool, device=prob.device)
         self.best_r = xp.where(xp.isfinite(r0norm), r0norm, xp.asarray(float("inf"), dtype=r0norm.dtype, device=prob.device))
-        self.best_x = x0
+        # Copies: solvers may update their iterate in place (neumann accumulates its sum).
+        self.best_x = None if x0 is None else xp.asarray(x0, copy=True)
         self._test(r0norm)
 
     def _set(self, mask, code):
@@ -181,7 +182,7 @@ class Monitor:
             better = was_active & xp.isfinite(rnorm) & (rnorm <= self.best_r)
             self.best_r = xp.where(better, rnorm, self.best_r)
             if self.best_x is None:
-                self.best_x = x
+                self.best_x = xp.asarray(x, copy=True)
             else:
                 self.best_x = xp.where(better[:, None], x, self.best_x)
         cb = self.prob.callback
