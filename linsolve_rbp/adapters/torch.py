@@ -574,7 +574,7 @@ def _forward_iterate(f, h0, maxiter, tol, batch_dims):
         Status.NONFINITE: "; the iteration produced NaN or inf: f is not contracting from h0",
     }.get(status, "")
     message = (
-        f"forward fixed-point iteration: {status.name.lower()} after {k} iterations, last step "
+        f"{status.name.lower()} after {k} iterations, last step "
         f"norm {float(np.max(last)):.3e} ({thr}){hint}"
     )
     result = SolveResult(
@@ -759,7 +759,7 @@ def fixed_point(
 
     h_star, fwd = _forward_iterate(f, h0, int(forward_maxiter), forward_tol, batch_dims)
     info = FixedPointInfo(forward=fwd)
-    _apply_policy(fwd, on_failure, "fixed_point forward", stacklevel=3)
+    _apply_policy(fwd, on_failure, "fixed_point forward iteration", stacklevel=3)
     h_star = h_star.detach()
     if torch.is_grad_enabled():
         out = f(h_star)
