@@ -102,10 +102,14 @@ def _identity(a):
 
 
 def _parameters(fn):
+    """The keyword names ``fn`` takes; empty when unknown or open (``**kwargs``)."""
     try:
-        return set(inspect.signature(fn).parameters)
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set()
+    return set(params)
 
 
 class ScipyBridge(Solver):
@@ -161,6 +165,7 @@ class ScipyBridge(Solver):
     name = "scipy.?"
     function = ""
     least_squares = False
+    limit_keyword = "maxiter"
     accepts_preconditioner = True
 
     def _scipy_maxiter(self, prob: Problem) -> int:
@@ -172,8 +177,8 @@ class ScipyBridge(Solver):
         if self.least_squares:
             kw["atol"] = 0.0
             kw["btol"] = threshold / bnorm if bnorm > 0 else 0.0
-            kw["iter_lim" if "iter_lim" in params else "maxiter"] = self._scipy_maxiter(prob)
-            need = {"btol"}
+            kw[self.limit_keyword] = self._scipy_maxiter(prob)
+            need = {"btol", self.limit_keyword}
         else:
             rtol = 0.0 if prob.rtol is None else prob.rtol
             atol = 0.0 if prob.atol is None else prob.atol
@@ -378,6 +383,7 @@ class ScipyLSQR(ScipyBridge):
 
     name = "scipy.lsqr"
     function = "lsqr"
+    limit_keyword = "iter_lim"
     least_squares = True
     needs_rmatvec = True
     needs_square = False
