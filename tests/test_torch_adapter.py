@@ -379,6 +379,21 @@ def test_saved_memory_does_not_grow_with_forward_iterations():
     assert bptt[1] > 5 * bptt[0]  # the measurement sees growth where there is some
 
 
+@pytest.mark.parametrize("jvp", ["forward", "double_backward"])
+def test_jacobian_products_do_not_grow_memory(jvp):
+    model = TanhRNN(n=16)
+    h = _fixed_point(model)
+    u = torch.ones(16, dtype=F64, requires_grad=True)
+
+    def products(k):
+        J = lrt.JacobianOperator(model.f, h, jvp=jvp)
+        for _ in range(k):
+            J @ u
+            J.T @ u
+
+    assert _saved_bytes(lambda: products(1)) == _saved_bytes(lambda: products(50)) > 0
+
+
 # -- warm start -----------------------------------------------------------------------------
 def test_warm_start_reuses_previous_solution():
     model = TanhRNN()

@@ -30,7 +30,7 @@ import numbers
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -694,7 +694,8 @@ def fixed_point(
     Returns
     -------
     h : torch.Tensor
-        ``f(h*)``, differentiable with respect to everything ``f`` closes over.
+        ``f(h*)``, differentiable with respect to everything ``f`` closes over (``h*`` itself,
+        without a graph, when gradients are disabled).
     info : FixedPointInfo
         Only with ``return_info=True``.
 
