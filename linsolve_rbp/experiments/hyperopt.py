@@ -47,6 +47,7 @@ __all__ = [
     "inner_step",
     "hypergradient",
     "meta_train",
+    "cost_table",
 ]
 
 LAYER_SIZES = (784, 50, 50, 50, 10)
@@ -405,4 +406,55 @@ def meta_train(method: str, data, *, meta_iters: int = 100, meta_lr: float = 0.0
         opt.step()
         sched.step()
     out["hparams"] = hp.detach().cpu().tolist()
+    return out
+
+
+def _cost_child(conn, method, steps, truncate, n, seed):
+    import resource
+
+    torch = _torch()
+    torch.set_num_threads(1)
+    data = random_data(n=n, seed=seed)
+    hp = init_hparams()
+    hypergradient(method, hp, data, steps=2, truncate=1)  # warm up kernels and allocator
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    hypergradient(method, hp, data, steps=steps, truncate=truncate, seed=seed)
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    conn.send((elapsed, (peak - base) / 1024.0))  # ru_maxrss is in KiB on Linux
+    conn.close()
+
+
+def cost_table(data, *, steps: int = 1000, truncations=(10, 50, 100), seed: int = 0) -> dict:
+    """Time and extra peak memory of one BPTT and one Neumann-RBP meta-gradient (Table 3).
+
+    Each measurement runs in a fresh process on random data of ``data``'s size (CPU, one
+    thread); memory is the growth of the process's peak resident set during the call, so it
+    counts the graph kept for back-propagation.
+
+    Returns
+    -------
+    dict
+        ``bptt`` (``time_s``, ``memory_mb``), ``neumann`` (per truncation) and ``ratios``
+        (BPTT / Neumann-RBP, per truncation).
+    """
+    import multiprocessing as mp
+
+    n = int(data[0].shape[0])
+    ctx = mp.get_context("spawn")
+
+    def measure(method, K):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_cost_child, args=(child, method, steps, K, n, seed))
+        p.start()
+        t, m = parent.recv()
+        p.join()
+        return {"time_s": t, "memory_mb": m}
+
+    out = {"steps": steps, "n": n, "bptt": measure("bptt", None), "neumann": {}, "ratios": {}}
+    for K in truncations:
+        r = out["neumann"][str(K)] = measure("neumann", K)
+        out["ratios"][str(K)] = {"time": out["bptt"]["time_s"] / r["time_s"],
+                                 "memory": out["bptt"]["memory_mb"] / max(r["memory_mb"], 1e-9)}
     return out
