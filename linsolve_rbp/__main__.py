@@ -1,0 +1,7 @@
+"""``python -m linsolve_rbp``: the ``linsolve-rbp`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
