@@ -42,6 +42,8 @@ def register(subparsers):
     p.add_argument("--steps", type=int, default=None, help="hyperopt inner steps T (paper: 100)")
     p.add_argument("--cost-steps", type=int, default=None,
                    help="inner steps of the hyperopt cost table (paper: 1000); 0 skips it")
+    p.add_argument("--cost-truncations", default="10,50,100",
+                   help="Neumann-RBP truncations of the hyperopt cost table")
     p.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test")
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
     p.set_defaults(func=run)
@@ -196,7 +198,7 @@ def _hyperopt(args, methods, out):
            "steps": steps, "truncate": K, "curves": curves, "time_s": time.time() - t0}
     cost_steps = args.cost_steps if args.cost_steps is not None else (5 if args.quick else 1000)
     if cost_steps:
-        Ks = [k for k in _ints(args.truncations or "10,50,100")]
+        Ks = _ints(args.cost_truncations)
         res["cost"] = hyperopt.cost_table((X, y), steps=cost_steps, truncations=Ks)
         print(json.dumps(res["cost"]["ratios"], indent=1))
     _save(res, out / "hyperopt.json")
