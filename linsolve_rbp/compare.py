@@ -146,7 +146,7 @@ def _rhs(n, batch, seed):
 def _is_symmetric(M) -> bool:
     if sp.issparse(M):
         diff = abs(M - M.T)
-        return diff.nnz == 0 or diff.max() <= 1e-12 * abs(M).max()
+        return bool(diff.nnz == 0 or diff.max() <= 1e-12 * abs(M).max())
     return bool(np.allclose(M, M.T, rtol=0, atol=1e-12 * np.abs(M).max()))
 
 
@@ -604,7 +604,15 @@ def write_json(path, case: Case, rows: list[dict], settings: dict) -> None:
                             adjoint=case.adjoint, info=case.info),
                settings=settings, results=rows)
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1)
+        json.dump(doc, fh, indent=1, default=_jsonable)
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
 
 
 def plot_histories(path, case: Case, rows: list[dict], rtol: float | None = None) -> None:
