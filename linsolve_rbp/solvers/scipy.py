@@ -148,8 +148,8 @@ class ScipyBridge(Solver):
         ``gcrotmk`` ``||b - A x_k||`` computed with one extra product per iteration that is
         NOT counted in ``matvecs`` (it calls the operator's ``_matvec``; children of a
         composite operator still count it). ``lsqr`` and ``lsmr`` take no callback: their
-        history holds only the initial and final residual norms, and a ``callback`` is
-        rejected. The user's callback sees ``x_k`` (a copy, in ``b``'s backend), or None for
+        history holds the initial and final residual norms with NaN for the steps in
+        between (scipy does not expose them), and a ``callback`` is rejected. The user's callback sees ``x_k`` (a copy, in ``b``'s backend), or None for
         ``gmres``, which does not form it. A batched solve (``batch_dims=1``) runs the systems
         one after another and calls the callback afterwards, once per iteration, with
         ``x=None`` and the ``(B,)`` residual norms (a system that finished earlier repeats
@@ -294,7 +294,9 @@ class ScipyBridge(Solver):
             else:
                 code = _MAX_ITERATIONS
             if self.least_squares:
-                hist.append(rn)
+                # scipy does not expose lsqr's / lsmr's iterates: the steps in between are
+                # unknown (NaN), so the history keeps its length of iterations + 1.
+                hist.extend([float("nan")] * max(its - 1, 0) + [rn])
             xs.append(x_nat)
             codes.append(code)
             rnorms.append(rn)
