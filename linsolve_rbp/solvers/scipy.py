@@ -160,6 +160,20 @@ class ScipyBridge(Solver):
         0``; lsqr / lsmr: condition number past ``conlim``), else MAX_ITERATIONS (``info >
         0``, or scipy stopped on its own estimate while the true residual misses the
         tolerance). NONFINITE when ``x`` is not finite (``x`` is then ``x0``, or zero).
+
+    References
+    ----------
+    P. Virtanen et al., "SciPy 1.0: fundamental algorithms for scientific computing in
+    Python", Nature Methods 17:261-272, 2020; the method papers are cited by each subclass.
+
+    Examples
+    --------
+    >>> import numpy as np, linsolve_rbp as lr
+    >>> from linsolve_rbp.problems import convection_diffusion
+    >>> A = convection_diffusion(10)
+    >>> res = lr.solve(A, np.ones(100), method="scipy.gmres", rtol=1e-8, restart=30)
+    >>> res.status.name, res.info["backend"], bool(np.linalg.norm(np.ones(100) - A @ res.x) <= 1e-7)
+    ('CONVERGED', 'scipy', True)
     """
 
     name = "scipy.?"
