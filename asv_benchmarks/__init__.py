@@ -1,0 +1,1 @@
+"""asv benchmarks of linsolve_rbp (see docs/benchmarks.rst)."""

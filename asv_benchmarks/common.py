@@ -1,0 +1,143 @@
+"""What the benchmark modules share: backends, method applicability and the solve call.
+
+Conventions (as in scipy's ``benchmarks/benchmarks/common.py``): ``setup`` builds the problem
+and raises ``NotImplementedError`` to skip a combination that does not apply (asv's way to
+skip), ``time_*`` only solves, ``peakmem_*`` records the peak resident memory of the process,
+``track_*`` returns iteration and product counts. GPU timings synchronise the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+import linsolve_rbp as lr
+
+try:
+    # Imported here so that asv's forked benchmark processes inherit it instead of each
+    # paying the import (seconds) again.
+    import torch
+except ImportError:  # pragma: no cover - torch is an optional extra
+    torch = None
+
+#: Stopping test of every timed solve, ``||b - A x|| <= RTOL ||b||``.
+RTOL = 1e-6
+#: Iteration cap, so that a method that stalls on a problem costs a bounded time.
+MAXITER = 2000
+
+#: ``numpy``, torch on the CPU, torch on a CUDA device (skipped without one).
+BACKENDS = ["numpy", "torch-cpu", "torch-cuda"]
+
+
+def all_methods() -> list[str]:
+    """The methods :func:`linsolve_rbp.methods` lists when the benchmarks are discovered."""
+    return list(lr.methods())
+
+
+def has_torch() -> bool:
+    return torch is not None
+
+
+def torch_device(backend: str):
+    """The torch device of ``backend`` (``torch-cpu`` or ``torch-cuda``); skips when torch or
+    the device is missing."""
+    if not has_torch():
+        raise NotImplementedError("torch is not installed")
+    if backend == "torch-cuda":
+        if not torch.cuda.is_available():
+            raise NotImplementedError("no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def to_backend(a, backend: str):
+    """A numpy array (or scipy sparse matrix) moved to ``backend``."""
+    if backend == "numpy":
+        return a
+    device = torch_device(backend)
+    if hasattr(a, "tocsr"):
+        a = a.tocsr()
+        with warnings.catch_warnings():
+            # torch flags sparse CSR as beta on every construction; the benchmark knows.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(a.indptr.astype(np.int64)),
+                torch.from_numpy(a.indices.astype(np.int64)),
+                torch.from_numpy(a.data),
+                size=a.shape,
+            ).to(device)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def synchronize(backend: str) -> None:
+    """Wait for the device, so that a GPU timing covers the work and not only its launch."""
+    if backend == "torch-cuda":
+        torch.cuda.synchronize()
+
+
+def method_or_skip(name: str):
+    """The solver behind ``name``; skips when its module is missing or does not import."""
+    if name not in lr.methods():
+        raise NotImplementedError(f"method {name!r} is not available")
+    try:
+        return lr.get_method(name)
+    except (ImportError, AttributeError) as exc:
+        raise NotImplementedError(f"method {name!r} does not import: {exc}") from exc
+
+
+def check_applies(name: str, A, b, *, symmetric: bool, contractive: bool, **kwargs):
+    """Skip (``NotImplementedError``) methods that do not apply to the problem: symmetric
+    methods on nonsymmetric operators, series methods (``neumann``, ``fixed_point``) where the
+    spectral radius of ``I - A`` is not below 1, methods that need ``A^H`` where it is
+    missing, and combinations the facade rejects (for example a bridge that takes numpy data
+    only), found by a one-iteration solve."""
+    solver = method_or_skip(name)
+    if solver.needs_symmetric and not symmetric:
+        raise NotImplementedError(f"{name} needs a symmetric operator")
+    if name in ("neumann", "fixed_point") and not contractive:
+        raise NotImplementedError(f"{name} diverges: the spectral radius of I - A exceeds 1")
+    try:
+        lr.solve(A, b, method=name, rtol=RTOL, maxiter=1, **kwargs)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise NotImplementedError(f"{name} does not apply: {exc}") from exc
+
+
+def run_solve(name: str, A, b, backend: str, **kwargs):
+    """One timed solve, the device synchronised at the end."""
+    res = lr.solve(A, b, method=name, rtol=RTOL, maxiter=MAXITER, **kwargs)
+    synchronize(backend)
+    return res
+
+
+class SolveBenchmark:
+    """Base of the solve benchmarks: subclasses' ``setup`` sets ``self.A``, ``self.b``,
+    ``self.method``, ``self.backend`` and ``self.kwargs`` (e.g. ``batch_dims``)."""
+
+    timeout = 600
+    kwargs: dict = {}
+
+    def _solve(self):
+        return run_solve(self.method, self.A, self.b, self.backend, **self.kwargs)
+
+    def time_solve(self, *params):
+        self._solve()
+
+    def peakmem_solve(self, *params):
+        self._solve()
+
+    def track_iterations(self, *params):
+        return self._solve().iterations
+
+    track_iterations.unit = "iterations"
+
+    def track_products(self, *params):
+        res = self._solve()
+        return res.matvecs + res.rmatvecs
+
+    track_products.unit = "products"
+
+    def track_converged_fraction(self, *params):
+        return float(np.mean(np.asarray(self._solve().converged, dtype=float)))
+
+    track_converged_fraction.unit = "fraction of systems"
