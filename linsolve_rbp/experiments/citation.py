@@ -45,7 +45,7 @@ def split(n: int, seed: int, fractions=(0.01, 0.49)):
     """Random train / validation / test node indices (1% / 49% / rest by default)."""
     rng = np.random.RandomState(seed)
     perm = rng.permutation(n)
-    n_tr = int(fractions[0] * n)
+    n_tr = max(1, int(fractions[0] * n))  # at least one labelled node to train on
     n_va = int(fractions[1] * n)
     return perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
 
