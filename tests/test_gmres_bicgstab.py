@@ -300,3 +300,22 @@ def test_gmres_options_are_checked():
         lr.solve(np.eye(3), np.ones(3), method="gmres", restart=0)
     with pytest.raises(TypeError, match="restart"):
         lr.solve(np.eye(3), np.ones(3), method="bicgstab", restart=5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_estimate_below_tolerance_is_not_passed_off_as_converged(method):
+    # In float32 the residual that GMRES carries (or BiCGStab updates) falls far below 1e-7,
+    # while the true residual stalls near 1e-6: the solve must say it did not converge, and
+    # report the true residual.
+    A = convection_diffusion(16, peclet=50.0, dtype=np.float32)
+    b = np.ones(A.shape[0], dtype=np.float32)
+    # restart=60: the first cycle's estimate meets the tolerance, so the true-residual check
+    # (not only the adaptive inner tolerance of later cycles) must catch it.
+    opts = {"restart": 60} if method == "gmres" else {}
+    res = lr.solve(A, b, method=method, rtol=1e-7, maxiter=300, **opts)
+    bnorm = np.linalg.norm(b)
+    assert res.residual_history.min() <= 1e-7 * bnorm
+    assert res.status is lr.Status.MAX_ITERATIONS and not res.converged
+    r_true = np.linalg.norm(b.astype(np.float64) - A.astype(np.float64) @ res.x.astype(np.float64))
+    assert r_true > 1e-7 * bnorm
+    assert res.residual_norm == pytest.approx(r_true, rel=0.3)
