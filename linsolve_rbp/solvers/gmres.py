@@ -47,10 +47,9 @@ class GMRES(Solver):
     Givens rotations, and minimises ``||b - A x||`` over ``x0 + M K_m``.
 
     Options
-    -------
-    restart : int, default 20
-        Krylov dimension ``m`` of a cycle (scipy's default), capped at ``n``. Memory grows as
-        ``(m + 1) n`` per system and the work per cycle as ``m^2 n``.
+        ``restart`` (int, default 20, scipy's default): the Krylov dimension ``m`` of a
+        cycle, capped at ``n``. Memory grows as ``(m + 1) n`` per system and the work per
+        cycle as ``m^2 n``.
 
     Needs
         ``A x`` only, one product per Arnoldi step, plus one per cycle for the true residual
