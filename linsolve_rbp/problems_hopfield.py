@@ -170,7 +170,7 @@ def corrupt(images, fraction: float = 0.5, seed: int = 1234) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> from linsolve_rbp.problems_hopfield import corrupt
-    >>> corrupt(np.ones((1, 8)), 0.5, seed=0).sum()
+    >>> float(corrupt(np.ones((1, 8)), 0.5, seed=0).sum())
     4.0
     """
     if not 0 <= fraction <= 1:
