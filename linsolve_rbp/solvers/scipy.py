@@ -310,7 +310,8 @@ class ScipyBridge(Solver):
             if self.least_squares:
                 # scipy does not expose lsqr's / lsmr's iterates: the steps in between are
                 # unknown (NaN), so the history keeps its length of iterations + 1.
-                hist.extend([float("nan")] * max(its - 1, 0) + [rn])
+                if its > 0:
+                    hist.extend([float("nan")] * (its - 1) + [rn])
             xs.append(x_nat)
             codes.append(code)
             rnorms.append(rn)
