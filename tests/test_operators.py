@@ -7,7 +7,6 @@ counters count what was applied; bad input gets a TypeError/ValueError naming th
 
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -200,7 +200,6 @@ class Case:
     maxiter: int | None = 150
     slow: bool = False
     least_squares: bool = False
-    marks: tuple = field(default=())
 
 
 CASES = [
@@ -305,6 +304,30 @@ def test_registry(case_name, method, dtype, be):
     assert err <= slack * (rtol + 50 * op.shape[0] * EPS[dtype]), (
         f"{method} on {case_name}: relative error {err:.2e} (cond {cond:.1f}); {res.message}"
     )
+
+
+SCIPY_TWINS = [("cg", "scipy.cg"), ("gmres", "scipy.gmres"), ("bicgstab", "scipy.bicgstab"),
+               ("lsqr", "scipy.lsqr")]
+
+
+@pytest.mark.parametrize("own, twin, case_name", [
+    pytest.param(own, twin, c, id=f"{own}-{c}")
+    for own, twin in SCIPY_TWINS
+    for c in ("closure_spd_contractive", "spd", "convection_diffusion", "rbp_I_minus_JT")
+    if own not in CASES_BY_NAME[c].fails
+])
+def test_own_method_matches_its_scipy_twin(own, twin, case_name):
+    """The same algorithm takes the same number of iterations (+-1: scipy's BiCGStab may stop
+    at a half step) and products as scipy's implementation, and gives the same x."""
+    require(own)
+    require(twin)
+    A, b, x_ref, cond = reference(case_name, np.float64)
+    r1 = lr.solve(A, b, method=own, rtol=1e-8, maxiter=300)
+    r2 = lr.solve(A, b, method=twin, rtol=1e-8, maxiter=300)
+    assert r1.status is r2.status is lr.Status.CONVERGED
+    assert abs(r1.iterations - r2.iterations) <= 1
+    assert abs(r1.matvecs + r1.rmatvecs - r2.matvecs - r2.rmatvecs) <= 2
+    np.testing.assert_allclose(r1.x, r2.x, rtol=0, atol=20 * cond * 1e-8 * np.linalg.norm(x_ref))
 
 
 def test_registry_covers_every_method():
