@@ -85,6 +85,8 @@ def to_backend(be, a):
         return np.array(a, copy=True)
     if be == "torch":
         return torch.from_numpy(np.array(a, copy=True))
+    if be == "cuda":
+        return torch.from_numpy(np.array(a, copy=True)).to("cuda")
     return xs.asarray(np.array(a, copy=True))
 
 
@@ -145,7 +147,7 @@ def _f_dense(A, be, b):
 def _f_sparse(A, be, b):
     if be == "numpy":
         return lr.aslinearoperator(sp.csr_matrix(A))
-    return lr.aslinearoperator(torch.from_numpy(np.array(A)).to_sparse_csr())
+    return lr.aslinearoperator(to_backend(be, A).to_sparse_csr())
 
 
 def _closure(A, be, b, with_rmatvec):
@@ -174,11 +176,11 @@ def _f_rbp(A, be, b):
 
 
 FACTORIES = {
-    "dense": (_f_dense, ("numpy", "torch", "strict")),
-    "sparse": (_f_sparse, ("numpy", "torch")),
-    "closure": (_f_closure, ("numpy", "torch", "strict")),
-    "closure_no_rmatvec": (_f_closure_no_rmatvec, ("numpy", "torch", "strict")),
-    "rbp": (_f_rbp, ("numpy", "torch", "strict")),
+    "dense": (_f_dense, ("numpy", "torch", "strict", "cuda")),
+    "sparse": (_f_sparse, ("numpy", "torch", "cuda")),
+    "closure": (_f_closure, ("numpy", "torch", "strict", "cuda")),
+    "closure_no_rmatvec": (_f_closure_no_rmatvec, ("numpy", "torch", "strict", "cuda")),
+    "rbp": (_f_rbp, ("numpy", "torch", "strict", "cuda")),
 }
 
 
@@ -249,10 +251,13 @@ def registry_params():
         factory_backends = FACTORIES[case.factory][1]
         for method in ALL_METHODS:
             for dtype in (np.float32, np.float64):
-                for be in backends_of(method):
+                # The package's own methods also run on CUDA torch tensors (GPU runs only).
+                gpu = () if method.startswith("scipy.") or case.slow else ("cuda",)
+                for be in backends_of(method) + gpu:
                     if be not in factory_backends:
                         continue
                     marks = [pytest.mark.slow] if case.slow else []
+                    marks += [pytest.mark.gpu] if be == "cuda" else []
                     yield pytest.param(
                         case.name, method, dtype, be, marks=marks,
                         id=f"{case.name}-{method}-{np.dtype(dtype).name}-{be}",
