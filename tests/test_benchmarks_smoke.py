@@ -79,7 +79,7 @@ def test_compare_peers_quick_run_writes_both_tables(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = out.read_text()
-    rst = out.with_suffix(".rst").read_text()
+    rst = out.with_suffix(".inc").read_text()
     own = [m for m in lr.methods() if not m.startswith("scipy.")]
     for method in own:
         assert f"`{method}`" in md
