@@ -99,7 +99,7 @@ def test_solves_and_reports(method, dtype, backend, kind):
     assert hist[-1] <= 1.5 * rtol * np.linalg.norm(b64)
 
 
-def _scipy_reference(method, A, b, rtol, maxiter):
+def _scipy_reference(method, A, b, rtol, maxiter, restart=20):
     """Run scipy itself with the arguments the bridge documents; count its products."""
     count = {"mv": 0, "rmv": 0}
 
@@ -118,7 +118,7 @@ def _scipy_reference(method, A, b, rtol, maxiter):
         lim = {"lsqr": "iter_lim", "lsmr": "maxiter"}[name]
         out = fn(L, b, atol=0.0, btol=rtol, **{lim: maxiter})
     elif name == "gmres":
-        out = fn(L, b, rtol=rtol, atol=0.0, restart=20, maxiter=math.ceil(maxiter / 20))
+        out = fn(L, b, rtol=rtol, atol=0.0, restart=restart, maxiter=math.ceil(maxiter / restart))
     else:
         out = fn(L, b, rtol=rtol, atol=0.0, maxiter=maxiter)
     return out, count
@@ -145,6 +145,27 @@ def test_iteration_limit_is_max_iterations(method):
     res = lr.solve(A, b, method=method, rtol=1e-10, maxiter=1)
     assert res.status is lr.Status.MAX_ITERATIONS and not res.success and not res.converged
     assert res.residual_norm == pytest.approx(np.linalg.norm(b - A @ res.x))
+
+
+def test_gmres_maxiter_counts_inner_steps():
+    """maxiter=25 with restart=10 is 25 steps (callbacks): two cycles, then a cycle of 5."""
+    A = convection_diffusion(12)
+    b = np.ones(A.shape[0])
+    seen = []
+    res = lr.solve(A, b, method="scipy.gmres", rtol=1e-12, restart=10, maxiter=25,
+                   callback=lambda k, x, r: seen.append(k))
+    assert res.status is lr.Status.MAX_ITERATIONS and res.iterations == 25
+    assert seen == list(range(1, 26)) and res.residual_history.shape == (26,)
+    # Each full cycle: 10 steps and its end residual; the last one also the residual of its
+    # start (x is not zero there).
+    assert res.matvecs == 2 * (10 + 1) + (1 + 5 + 1)
+    # Where maxiter does not bind, scipy's own products and x (maxiter=995: 99 cycles and a
+    # cycle of 5 steps, vs scipy with 100 cycles).
+    (x_s, info), count = _scipy_reference("scipy.gmres", A, b, 1e-8, 995, restart=10)
+    assert info == 0
+    res = lr.solve(A, b, method="scipy.gmres", rtol=1e-8, restart=10, maxiter=995)
+    assert res.converged and res.matvecs == count["mv"]
+    np.testing.assert_array_equal(res.x, x_s)
 
 
 def test_scipy_breakdown_is_breakdown():

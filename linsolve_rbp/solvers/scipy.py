@@ -138,18 +138,27 @@ class ScipyBridge(Solver):
         with a ValueError: scipy's solvers always test a tolerance.
     Iterations
         ``maxiter`` goes to scipy as its iteration limit (``iter_lim`` for lsqr), except for
-        ``gmres``, where scipy counts restart cycles: the bridge passes
-        ``ceil(maxiter / restart)``, so up to ``restart - 1`` more steps than ``maxiter`` may
-        run. ``lgmres`` and ``gcrotmk`` count outer cycles (scipy's meaning).
+        ``gmres``, where the bridge makes it count inner steps (products) as the package's
+        own gmres does (see :class:`ScipyGMRES`). For ``lgmres`` and ``gcrotmk`` an
+        iteration is an outer iteration (scipy's meaning), which runs a whole inner GMRES of
+        up to ``inner_m`` (lgmres) or ``m`` (gcrotmk) steps: ``maxiter=1`` may solve the
+        system (CONVERGED) and may cost many products.
     History and callback
         The residual history comes from scipy's callback: for ``gmres`` the residual norm
         scipy estimates (``callback_type="pr_norm"``, times ``||b||``; with ``M`` it is the
         left-preconditioned residual scipy tests); for ``cg``, ``bicgstab``, ``lgmres`` and
         ``gcrotmk`` ``||b - A x_k||`` computed with one extra product per iteration that is
         NOT counted in ``matvecs`` (it calls the operator's ``_matvec``; children of a
-        composite operator still count it). ``lsqr`` and ``lsmr`` take no callback: their
-        history holds the initial and final residual norms with NaN for the steps in
-        between (scipy does not expose them), and a ``callback`` is rejected. The user's callback sees ``x_k`` (a copy, in ``b``'s backend), or None for
+        composite operator still count it). Where scipy returns an iterate its callback has
+        not seen (bicgstab converging at its half step ``x + alpha p_hat``; lgmres and
+        gcrotmk, which call the callback at the start of each outer iteration, after their
+        last one), the bridge reports it as the last iteration, so that the history and the
+        callback end with the returned ``x``; the report of ``x0`` that lgmres and gcrotmk
+        make before their first outer iteration is not an iteration and is dropped.
+        ``lsqr`` and ``lsmr`` take no callback: scipy gives them no per-iteration hook and
+        does not expose their iterates, so a ``callback`` is rejected with a ValueError, and
+        their history holds the initial and final residual norms with NaN for the steps in
+        between. The user's callback sees ``x_k`` (a copy, in ``b``'s backend), or None for
         ``gmres``, which does not form it. A batched solve (``batch_dims=1``) runs the systems
         one after another and calls the callback afterwards, once per iteration, with
         ``x=None`` and the ``(B,)`` residual norms (a system that finished earlier repeats
@@ -159,7 +168,9 @@ class ScipyBridge(Solver):
         when it meets the tolerance; otherwise BREAKDOWN when scipy reported one (``info <
         0``; lsqr / lsmr: condition number past ``conlim``), else MAX_ITERATIONS (``info >
         0``, or scipy stopped on its own estimate while the true residual misses the
-        tolerance). NONFINITE when ``x`` is not finite (``x`` is then ``x0``, or zero).
+        tolerance). NONFINITE when ``x`` or its residual is not finite (an operator that
+        returned NaN or inf): ``x`` is then the reported iterate of smallest finite residual,
+        or ``x0`` (zero without one) when there is none, and ``residual_norm`` is its residual.
 
     References
     ----------
@@ -181,9 +192,10 @@ class ScipyBridge(Solver):
     least_squares = False
     limit_keyword = "maxiter"
     accepts_preconditioner = True
-
-    def _scipy_maxiter(self, prob: Problem) -> int:
-        return prob.maxiter
+    # scipy calls the callback with x0 before the first iteration (lgmres, gcrotmk).
+    callback_sees_x0 = False
+    # scipy may return an iterate without calling the callback on it.
+    may_return_unreported = False
 
     def _kwargs(self, prob: Problem, env: _Env, threshold: float, bnorm: float) -> dict:
         kw = dict(prob.options)
@@ -191,14 +203,14 @@ class ScipyBridge(Solver):
         if self.least_squares:
             kw["atol"] = 0.0
             kw["btol"] = threshold / bnorm if bnorm > 0 else 0.0
-            kw[self.limit_keyword] = self._scipy_maxiter(prob)
+            kw[self.limit_keyword] = prob.maxiter
             need = {"btol", self.limit_keyword}
         else:
             rtol = 0.0 if prob.rtol is None else prob.rtol
             atol = 0.0 if prob.atol is None else prob.atol
             kw["rtol" if "rtol" in params or "tol" not in params else "tol"] = rtol
             kw["atol"] = atol
-            kw["maxiter"] = self._scipy_maxiter(prob)
+            kw["maxiter"] = prob.maxiter
             need = {"maxiter"}
         missing = sorted(k for k in need | set(prob.options) if params and k not in params)
         if missing:
@@ -215,6 +227,20 @@ class ScipyBridge(Solver):
         """Whether scipy's callback hands over a residual norm (gmres) rather than x_k."""
         return False
 
+    def _call(self, env: _Env, A_lib, b_lib, kw: dict, prob: Problem, n: int):
+        """Run the scipy function on one system; returns scipy's output tuple."""
+        return env.fn(A_lib, b_lib, **kw)
+
+    @staticmethod
+    def _differs(x_lib, last, x0_lib) -> bool:
+        """Whether ``x_lib`` differs from ``last`` (or, when None, from ``x0_lib`` or 0)."""
+        xpl = _b.array_namespace(x_lib)
+        x = xpl.reshape(x_lib, (-1,))
+        ref = last if last is not None else x0_lib
+        if ref is None:
+            return bool(xpl.any(x != 0))
+        return not bool(xpl.all(x == xpl.reshape(ref, (-1,))))
+
     def run(self, prob: Problem) -> Outcome:
         if prob.fixed_budget:
             raise ValueError(
@@ -224,8 +250,9 @@ class ScipyBridge(Solver):
             )
         if self.least_squares and prob.callback is not None:
             raise ValueError(
-                f"method {self.name!r} takes no callback (scipy's {self.function} has none); "
-                "use the package's lsqr for per-iteration callbacks"
+                f"method {self.name!r} takes no callback: scipy.sparse.linalg.{self.function} "
+                "has no per-iteration hook and does not expose its iterates; leave callback "
+                "unset, or use method='lsqr' (the package's), which calls it every iteration"
             )
         env = _Env(prob, self.function, self.name)
         xp = prob.xp
@@ -266,13 +293,25 @@ class ScipyBridge(Solver):
             r0 = bnorm if x0_nat is None else residual_norm(b_lib, x0_nat)
             thr = max((prob.rtol or 0.0) * bnorm, prob.atol or 0.0)
             hist = [r0]
+            # skip: the next x-callback is scipy's report of x0 (lgmres, gcrotmk), not an
+            # iterate; last: the iterate the history ends with (lib array; None: x0 or 0);
+            # best: the reported iterate of smallest finite residual, the fallback when
+            # the operator turns non-finite.
+            state = {"skip": self.callback_sees_x0, "last": None, "best": None}
 
-            def record(arg, hist=hist, b_lib=b_lib, bnorm=bnorm):
+            def record(arg, hist=hist, b_lib=b_lib, bnorm=bnorm, state=state):
                 if self._history_is_norm():
                     rn, x_nat = float(arg) * bnorm, None
                 else:
-                    x_nat = env.vec(arg.copy(), n, like)
+                    if state["skip"]:
+                        state["skip"] = False
+                        return
+                    x_own = arg.copy()
+                    x_nat = env.vec(x_own, n, like)
                     rn = residual_norm(b_lib, x_nat)
+                    state["last"] = x_own
+                    if math.isfinite(rn) and (state["best"] is None or rn < state["best"][0]):
+                        state["best"] = (rn, x_nat)
                 hist.append(rn)
                 if live_cb is not None:
                     live_cb(len(hist) - 1, x_nat, xp.asarray(rn, dtype=prob.real_dtype, device=prob.device))
@@ -284,23 +323,35 @@ class ScipyBridge(Solver):
                 kw["x0"] = env.to_lib(x0_nat)
             if not self.least_squares:
                 kw.update(self._callback_kwargs(record))
-            out = env.fn(A_lib, b_lib, **kw)
+            out = self._call(env, A_lib, b_lib, kw, prob, n)
             x_lib, info = out[0], out[1]
+            x_nat = env.vec(x_lib, n, like)
+            finite = bool(xp.all(xp.isfinite(x_nat)))
+            if finite and self.may_return_unreported and info >= 0:
+                state["skip"] = False
+                if self._differs(x_lib, state["last"], kw.get("x0")):
+                    # scipy returned an iterate its callback has not seen (bicgstab's half
+                    # step; lgmres / gcrotmk after their last outer iteration): report it,
+                    # so that the history and the callback end with the returned x.
+                    record(x_lib)
             if self.least_squares:
                 its = int(out[2])
                 bad = info in _LSQ_ILL_CONDITIONED
             else:
                 its = len(hist) - 1
                 bad = info < 0
-            # May alias scipy's array (or b itself, which scipy returns when b = 0); the
-            # final stack copies.
-            x_nat = env.vec(x_lib, n, like)
-            finite = bool(xp.all(xp.isfinite(x_nat)))
-            rn = residual_norm(b_lib, x_nat) if finite else float("inf")
-            if not finite:
+            # x_nat may alias scipy's array (or b itself, which scipy returns when b = 0);
+            # the final stack copies.
+            rn = residual_norm(b_lib, x_nat) if finite else float("nan")
+            if not math.isfinite(rn):
+                # A non-finite x, or a finite x whose residual the operator no longer gives
+                # finitely: report the best iterate with a finite residual, else x0 (or 0).
                 code = _NONFINITE
-                x_nat = xp.zeros_like(x_nat) if x0_nat is None else xp.asarray(x0_nat, copy=True)
-                rn = r0
+                if state["best"] is not None:
+                    rn, x_nat = state["best"]
+                else:
+                    x_nat = xp.zeros_like(x_nat) if x0_nat is None else xp.asarray(x0_nat, copy=True)
+                    rn = r0
             elif rn <= thr:
                 code = _CONVERGED
             elif bad:
@@ -347,15 +398,36 @@ class ScipyCG(ScipyBridge):
 
 class ScipyGMRES(ScipyBridge):
     """``scipy.sparse.linalg.gmres``: restarted GMRES (Saad & Schultz, 1986), left-preconditioned
-    in scipy. Option ``restart`` (default 20). ``maxiter`` counts inner steps and is passed as
-    ``ceil(maxiter / restart)`` cycles; see :class:`ScipyBridge`."""
+    in scipy. Option ``restart`` (default 20; scipy caps it at ``n``).
+
+    ``maxiter`` counts inner steps (one product with ``A`` each), as in the package's gmres,
+    while scipy's counts restart cycles. With ``maxiter = q * restart + rem`` the bridge runs
+    scipy for ``q`` cycles and, if they do not converge and ``rem > 0``, once more from their
+    ``x`` with ``restart=rem`` and one cycle. So ``maxiter=1`` is one step (one callback), and
+    a solve that converges within the ``q`` full cycles makes exactly the products of scipy
+    run with ``ceil(maxiter / restart)`` cycles. The short last cycle costs one product more
+    than scipy would spend on those steps (it recomputes the residual of its starting
+    point); products are counted on the operator, so ``matvecs`` includes it. See
+    :class:`ScipyBridge`."""
 
     name = "scipy.gmres"
     function = "gmres"
     options = {"restart": 20}
 
-    def _scipy_maxiter(self, prob):
-        return max(1, math.ceil(prob.maxiter / int(prob.options["restart"])))
+    def _call(self, env, A_lib, b_lib, kw, prob, n):
+        # scipy's maxiter counts restart cycles of min(restart, n) steps (scipy clamps the
+        # basis size to n): run maxiter = q cycles + rem steps as q full cycles and, if they
+        # do not converge, one cycle of rem steps from where they stopped.
+        restart = min(20 if kw.get("restart") is None else int(kw["restart"]), n)
+        q, rem = divmod(prob.maxiter, restart)
+        if q:
+            out = env.fn(A_lib, b_lib, **{**kw, "restart": restart, "maxiter": q})
+            xpl = _b.array_namespace(out[0])
+            if out[1] <= 0 or rem == 0 or not bool(xpl.all(xpl.isfinite(out[0]))):
+                return out
+            x = out[0]
+            kw = {**kw, "x0": x}
+        return env.fn(A_lib, b_lib, **{**kw, "restart": rem, "maxiter": 1})
 
     def _callback_kwargs(self, record):
         return {"callback": record, "callback_type": "pr_norm"}
@@ -367,29 +439,49 @@ class ScipyGMRES(ScipyBridge):
 class ScipyLGMRES(ScipyBridge):
     """``scipy.sparse.linalg.lgmres``: GMRES augmented with error approximations from earlier
     cycles (Baker, Jessup & Manteuffel, SIAM J. Matrix Anal. Appl. 26, 2005). Options
-    ``inner_m`` (30), ``outer_k`` (3); ``maxiter`` counts outer cycles. See
+    ``inner_m`` (30), ``outer_k`` (3).
+
+    ``maxiter`` counts outer iterations, as scipy does: each runs an inner GMRES of up to
+    ``inner_m`` steps augmented with up to ``outer_k`` earlier error approximations, and
+    costs about ``inner_m + 1`` products; ``iterations``, the history and the callback count
+    the same outer iterations (one entry, one call each). So ``maxiter=1`` can solve a
+    system with ``n <= inner_m`` (then CONVERGED, after one callback). See
     :class:`ScipyBridge`."""
 
     name = "scipy.lgmres"
     function = "lgmres"
     options = {"inner_m": 30, "outer_k": 3}
+    callback_sees_x0 = True
+    may_return_unreported = True
 
 
 class ScipyGCROTMK(ScipyBridge):
     """``scipy.sparse.linalg.gcrotmk``: GCROT(m, k) (Hicken & Zingg, SIAM J. Sci. Comput. 32,
     2010). Options ``m`` (20), ``k`` (None: ``m``), ``truncate`` ("oldest"), ``discard_C``
-    (False); ``maxiter`` counts outer cycles. See :class:`ScipyBridge`."""
+    (False).
+
+    ``maxiter`` counts outer iterations, as scipy does: each runs an inner flexible GMRES of
+    up to ``m`` steps (more while fewer than ``k`` recycled vectors are kept), one product
+    each; ``iterations``, the history and the callback count the same outer iterations (one
+    entry, one call each). So ``maxiter=1`` can solve a system with ``n <= m`` (then
+    CONVERGED, after one callback). See :class:`ScipyBridge`."""
 
     name = "scipy.gcrotmk"
     function = "gcrotmk"
     options = {"m": 20, "k": None, "truncate": "oldest", "discard_C": False}
+    callback_sees_x0 = True
+    may_return_unreported = True
 
 
 class ScipyBiCGStab(ScipyBridge):
-    """``scipy.sparse.linalg.bicgstab`` (van der Vorst, 1992). See :class:`ScipyBridge`."""
+    """``scipy.sparse.linalg.bicgstab`` (van der Vorst, 1992). An iteration makes two products;
+    when scipy converges at the half step (one product, ``x + alpha p_hat``, without calling
+    its callback) the bridge reports that iterate as the last iteration, as the package's
+    bicgstab counts it. See :class:`ScipyBridge`."""
 
     name = "scipy.bicgstab"
     function = "bicgstab"
+    may_return_unreported = True
 
 
 class ScipyLSQR(ScipyBridge):
