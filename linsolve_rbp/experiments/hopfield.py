@@ -45,15 +45,23 @@ class HopfieldConfig:
         return dict(vars(self))
 
 
-def init_weights(cfg: HopfieldConfig, seed: int):
-    """``W = randn * scale``, symmetrised (``W + W^T``), zero diagonal."""
+def _raw_weights(cfg: HopfieldConfig, seed: int):
     import torch
 
     gen = torch.Generator().manual_seed(int(seed))
-    W = torch.randn(cfg.n, cfg.n, generator=gen, dtype=getattr(torch, cfg.dtype)) * cfg.init_scale
-    W = W + W.T
+    return torch.randn(cfg.n, cfg.n, generator=gen, dtype=getattr(torch, cfg.dtype)) * cfg.init_scale
+
+
+def symmetrise(V):
+    """``W = V + V^T`` with a zero diagonal: the connection matrix of raw parameters ``V``."""
+    W = V + V.T
     W.fill_diagonal_(0.0)
     return W
+
+
+def init_weights(cfg: HopfieldConfig, seed: int):
+    """``W = randn * scale``, symmetrised (``W + W^T``), zero diagonal."""
+    return symmetrise(_raw_weights(cfg, seed))
 
 
 def corrupt(images: np.ndarray, fraction: float = 0.5, seed: int = 1234) -> np.ndarray:
@@ -172,8 +180,12 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
     Xv = torch.as_tensor(corrupt(np.asarray(images), cfg.corrupt_fraction), dtype=dtype)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(int(seed))
-    W = init_weights(cfg, seed).requires_grad_(True)
-    opt = torch.optim.Adam([W], lr=cfg.lr)
+    # The trained parameters are the raw V of W = V + V^T (zero diagonal), as in the paper's
+    # code, so W stays symmetric with no self-loops (the Hopfield model's assumptions) instead
+    # of drifting asymmetric under Adam.
+    V = _raw_weights(cfg, seed).requires_grad_(True)
+    W = symmetrise(V.detach())
+    opt = torch.optim.Adam([V], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_decay_step, gamma=0.1)
     out = {"method": method, "truncate": truncate, "seed": seed, "train_loss": [], "val_loss": [],
            "val_acc": [], "solver_failures": 0, "backward_calls": 0}
@@ -185,7 +197,8 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
         out["val_acc"].append(va)
 
     record()
-    for _ in tqdm(range(epochs), desc=f"hopfield {method} K={truncate}", disable=not progress, leave=False):
+    bar = tqdm(range(epochs), desc=f"hopfield {method} K={truncate}", disable=not progress, leave=False)
+    for _ in bar:
         for i in torch.randperm(X.shape[0], generator=gen).tolist():
             x = X[i:i + 1, ...]
             step = _step_fn(cfg, x)
@@ -195,11 +208,13 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
             if res is not None and not res.success:
                 out["solver_failures"] += 1
             opt.zero_grad()
-            W.grad = grads[0]
+            V.grad = symmetrise(grads[0])  # chain rule through W = V + V^T, diagonal masked
             opt.step()
             sched.step()
+            W = symmetrise(V.detach())
         record()
+        bar.set_postfix(loss=out["train_loss"][-1], refresh=False)
     out["success"] = success(out["train_loss"])
     if keep_weights:
-        out["W"] = W.detach()
+        out["W"] = W
     return out
