@@ -71,9 +71,16 @@ def is_array(x) -> bool:
     return array_api_compat.is_array_api_obj(x)
 
 
+_NUMPY_NATIVE = int(np.__version__.split(".")[0]) >= 2
+
+
 def array_namespace(*arrays):
-    """The array-API namespace shared by ``arrays`` (``array_api_compat`` wrappers for numpy,
-    torch and cupy; the library itself for array-API native libraries)."""
+    """The array-API namespace shared by ``arrays``: numpy itself for numpy >= 2 (which
+    implements the standard natively, without the per-call cost of a wrapper), the
+    ``array_api_compat`` wrappers for torch, cupy and older numpy, and the library itself for
+    array-API native libraries."""
+    if _NUMPY_NATIVE and arrays and all(isinstance(a, np.ndarray) for a in arrays):
+        return np
     return _array_namespace(*arrays)
 
 
