@@ -120,7 +120,11 @@ class SolveResult:
 
     def __repr__(self) -> str:
         rn = self.residual_norm
-        rn = f"{rn:.3e}" if np.ndim(rn) == 0 else np.array2string(np.asarray(rn), precision=3)
+        if np.ndim(rn) == 0:
+            rn = f"{rn:.3e}"
+        else:
+            rn = np.asarray(rn)
+            rn = f"max {rn.max():.3e} over {rn.size} systems" if rn.size else "[]"
         return (
             f"SolveResult(method={self.method!r}, status={self.status.name}, "
             f"iterations={self.iterations}, matvecs={self.matvecs}, rmatvecs={self.rmatvecs}, "
