@@ -12,6 +12,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
 import linsolve_rbp as lr
+from _backends import CASES, RTOL, to_backend
+from _backends import make_operator as _make_operator
 from linsolve_rbp.backend import to_numpy
 from linsolve_rbp.problems import convection_diffusion
 
@@ -20,29 +22,11 @@ xps = pytest.importorskip("array_api_strict")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
 METHODS = ["gmres", "bicgstab"]
-RTOL = {np.float32: 1e-4, np.float64: 1e-8}
-
-
-def to_backend(a, backend):
-    if backend == "numpy":
-        return a
-    if backend == "torch":
-        return torch.from_numpy(np.array(a))
-    return xps.asarray(a)
 
 
 def make_operator(kind, M, backend):
-    """The matrix ``M`` (numpy) as an operator of kind dense / sparse / closure."""
-    if kind == "sparse":
-        if backend == "numpy":
-            return sp.csr_matrix(M)
-        return torch.from_numpy(np.array(M)).to_sparse_csr()
-    Mb = to_backend(M, backend)
-    if kind == "dense":
-        return Mb
-    MT = to_backend(np.ascontiguousarray(M.T), backend)
-    like = to_backend(np.zeros(M.shape[1], dtype=M.dtype), backend)
-    return lr.LinearOperator(M.shape, matvec=lambda x: x @ MT, like=like)
+    """The operator without rmatvec: gmres and bicgstab need products with A only."""
+    return _make_operator(kind, M, backend, rmatvec=False)
 
 
 def nonsymmetric(n, seed=0, dtype=np.float64):
@@ -57,14 +41,6 @@ def diagonalisable(eigs, seed=0):
     rng = np.random.default_rng(seed)
     V = np.eye(n) + 0.3 * rng.standard_normal((n, n)) / np.sqrt(n)
     return V @ np.diag(eigs) @ np.linalg.inv(V), V
-
-
-CASES = [
-    (backend, kind)
-    for backend in ("numpy", "torch", "array_api_strict")
-    for kind in ("dense", "sparse", "closure")
-    if not (backend == "array_api_strict" and kind == "sparse")
-]
 
 
 @pytest.mark.parametrize("method", METHODS)

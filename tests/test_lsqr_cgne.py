@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
 import linsolve_rbp as lr
+from _backends import CASES, RTOL, make_operator, to_backend
 from linsolve_rbp.backend import to_numpy
 from linsolve_rbp.problems import convection_diffusion, random_contractive
 
@@ -23,37 +23,6 @@ xps = pytest.importorskip("array_api_strict")
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
 METHODS = ["cgne", "lsqr"]
-RTOL = {np.float32: 1e-4, np.float64: 1e-8}
-
-
-def to_backend(a, backend):
-    if backend == "numpy":
-        return a
-    if backend == "torch":
-        return torch.from_numpy(np.array(a))
-    return xps.asarray(a)
-
-
-def make_operator(kind, M, backend):
-    """The matrix ``M`` (numpy) as an operator of kind dense / sparse / closure."""
-    if kind == "sparse":
-        if backend == "numpy":
-            return sp.csr_matrix(M)
-        return torch.from_numpy(np.array(M)).to_sparse_csr()
-    Mb = to_backend(M, backend)
-    if kind == "dense":
-        return Mb
-    MT = to_backend(np.ascontiguousarray(M.T), backend)
-    like = to_backend(np.zeros(M.shape[1], dtype=M.dtype), backend)
-    return lr.LinearOperator(M.shape, matvec=lambda x: x @ MT, rmatvec=lambda y: y @ Mb, like=like)
-
-
-CASES = [
-    (backend, kind)
-    for backend in ("numpy", "torch", "array_api_strict")
-    for kind in ("dense", "sparse", "closure")
-    if not (backend == "array_api_strict" and kind == "sparse")
-]
 
 
 def adjoint_matrix(n, rho=0.8, seed=0, dtype=np.float64):

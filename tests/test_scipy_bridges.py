@@ -14,6 +14,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
 import linsolve_rbp as lr
+from _backends import CASES, RTOL, make_operator, to_backend
 from linsolve_rbp.backend import to_numpy
 from linsolve_rbp.problems import convection_diffusion
 from linsolve_rbp.solvers import scipy as bridges
@@ -28,28 +29,6 @@ pytestmark = [
 
 METHODS = ["scipy.cg", "scipy.gmres", "scipy.lgmres", "scipy.gcrotmk", "scipy.bicgstab",
            "scipy.lsqr", "scipy.lsmr"]
-RTOL = {np.float32: 1e-4, np.float64: 1e-8}
-
-
-def to_backend(a, backend):
-    if backend == "numpy":
-        return a
-    if backend == "torch":
-        return torch.from_numpy(np.array(a))
-    return xps.asarray(a)
-
-
-def make_operator(kind, M, backend):
-    if kind == "sparse":
-        if backend == "numpy":
-            return sp.csr_matrix(M)
-        return torch.from_numpy(np.array(M)).to_sparse_csr()
-    Mb = to_backend(M, backend)
-    if kind == "dense":
-        return Mb
-    MT = to_backend(np.ascontiguousarray(M.T), backend)
-    like = to_backend(np.zeros(M.shape[1], dtype=M.dtype), backend)
-    return lr.LinearOperator(M.shape, matvec=lambda x: x @ MT, rmatvec=lambda y: y @ Mb, like=like)
 
 
 def system(method, n=30, dtype=np.float64, seed=0):
@@ -60,14 +39,6 @@ def system(method, n=30, dtype=np.float64, seed=0):
     if method == "scipy.cg":
         M = M @ M.T
     return M.astype(dtype), rng.standard_normal(n).astype(dtype)
-
-
-CASES = [
-    (backend, kind)
-    for backend in ("numpy", "torch", "array_api_strict")
-    for kind in ("dense", "sparse", "closure")
-    if not (backend == "array_api_strict" and kind == "sparse")
-]
 
 
 @pytest.mark.parametrize("method", METHODS)
