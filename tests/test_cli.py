@@ -219,3 +219,35 @@ def test_python_m_help():
     assert "compare" in out.stdout
     out = subprocess.run([sys.executable, "-m", "linsolve_rbp", "compare", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--problem" in out.stdout
+
+
+def test_run_compare_on_a_user_built_torch_case():
+    """The docs' recipe: a Case from one's own model's Jacobian at its fixed point."""
+    torch = pytest.importorskip("torch")
+    import linsolve_rbp as lr
+    from linsolve_rbp.adapters import torch as lrt
+    from linsolve_rbp.compare import Case, format_table, run_compare
+
+    torch.manual_seed(0)
+    n = 30
+    W = torch.randn(n, n, dtype=torch.float64) * 0.8 / n**0.5
+    x = torch.randn(n, dtype=torch.float64)
+
+    def f(h):
+        return torch.tanh(h @ W.T + x)
+
+    h_star = lrt.fixed_point(f, torch.zeros(n, dtype=torch.float64), forward_tol=1e-12,
+                             forward_maxiter=500).detach()
+    grad_h = h_star - 1.0
+    A = lr.IdentityOperator(n, like=grad_h) - lrt.JacobianOperator(f, h_star).T
+    Jd = torch.autograd.functional.jacobian(f, h_star)
+    z_ref = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - Jd.T, grad_h).numpy()[None, :]
+    case = Case(name="mine", description="tanh RNN", A=A, b=grad_h, batched=False,
+                symmetric=False, reference=lambda: z_ref)
+    rows = {r["method"]: r for r in run_compare(case, ["gmres", "cgne", "cg"], rtol=1e-10)}
+    assert rows["gmres"]["status"] == "converged" and rows["gmres"]["jvps"] == 0
+    assert rows["cgne"]["status"] == "converged"
+    assert rows["cgne"]["jvps"] == rows["cgne"]["vjps"] > 0
+    assert rows["cg"]["status"].startswith("n/a")
+    assert rows["gmres"]["rel_error"] < 1e-8 and rows["cgne"]["rel_error"] < 1e-8
+    assert "gmres" in format_table(list(rows.values()))
