@@ -86,7 +86,8 @@ def test_compare_peers_quick_run_writes_both_tables(tmp_path):
     for section in ("scipy.sparse.linalg.gmres", "batch_dims=1", "Neumann-RBP", "BPTT"):
         assert section in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and line.endswith(("PASS |", "MISS |"))]
-    # One row per own method, two for gmres, one batched, two per K and one growth row.
-    assert len(rows) == len(own) + 3 + 2 * 2 + 1
+    # One row per own method, two for gmres, two batched (one matrix / B matrices), two per K
+    # and one growth row.
+    assert len(rows) == len(own) + 4 + 2 * 2 + 1
     assert ".. list-table:: Measurements" in rst
     assert rst.count("     - PASS") + rst.count("     - MISS") == len(rows)
