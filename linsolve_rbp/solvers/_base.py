@@ -151,21 +151,45 @@ class Monitor:
         self.best_r = xp.where(xp.isfinite(r0norm), r0norm, xp.asarray(float("inf"), dtype=r0norm.dtype, device=prob.device))
         # Copies: solvers may update their iterate in place (neumann accumulates its sum).
         self.best_x = None if x0 is None else xp.asarray(x0, copy=True)
+        # The status codes as device arrays and the divergence limit, made once: the tests run
+        # every iteration, where building them again would cost as much as the tests.
+        self._code = {
+            c: xp.asarray(c, dtype=xp.int64, device=prob.device)
+            for c in (RUNNING, CONVERGED, COMPLETED, MAX_ITERATIONS, BREAKDOWN, DIVERGED, NONFINITE)
+        }
+        self._divlim = None if prob.divtol is None else prob.divtol * r0norm
         self._test(r0norm)
 
     def _set(self, mask, code):
         xp = self.xp
-        self.codes = xp.where(mask, xp.asarray(code, dtype=xp.int64, device=self.prob.device), self.codes)
+        c = self._code.get(code)
+        if c is None:
+            c = xp.asarray(code, dtype=xp.int64, device=self.prob.device)
+        self.codes = xp.where(mask, c, self.codes)
         self.active = self.active & ~mask
 
     def _test(self, rnorm):
+        # One pass over the three tests, ranked NONFINITE, CONVERGED, DIVERGED: the code each
+        # system would stop with, then one update of the running ones.
         xp = self.xp
+        code = self._code
         finite = xp.isfinite(rnorm)
-        self._set(self.active & ~finite, NONFINITE)
+        stop = ~finite
+        div = self._divlim is not None and self.k > 0
+        new = code[NONFINITE]
         if self.threshold is not None:
-            self._set(self.active & (rnorm <= self.threshold), CONVERGED)
-        if self.prob.divtol is not None and self.k > 0:
-            self._set(self.active & (rnorm > self.prob.divtol * self.r0), DIVERGED)
+            conv = rnorm <= self.threshold
+            stop = stop | conv
+            if div:
+                stop = stop | (rnorm > self._divlim)
+                new = xp.where(finite, xp.where(conv, code[CONVERGED], code[DIVERGED]), new)
+            else:
+                new = xp.where(finite, code[CONVERGED], new)
+        elif div:
+            stop = stop | (rnorm > self._divlim)
+            new = xp.where(finite, code[DIVERGED], new)
+        self.codes = xp.where(self.active & stop, new, self.codes)
+        self.active = self.active & ~stop
 
     def flag(self, mask, code: int) -> None:
         """Mark systems in ``mask`` (still active) as stopped with ``code`` (e.g. BREAKDOWN)."""
@@ -206,11 +230,11 @@ class Monitor:
         if prob.fixed_budget:
             # A fixed budget is a success unless the residual grew over the run.
             grew = running & xp.isfinite(rnorm) & (rnorm > self.r0) & (self.r0 > 0)
-            self.codes = xp.where(grew, xp.asarray(DIVERGED, dtype=xp.int64, device=prob.device), self.codes)
+            self.codes = xp.where(grew, self._code[DIVERGED], self.codes)
             running = self.codes == RUNNING
-            self.codes = xp.where(running, xp.asarray(COMPLETED, dtype=xp.int64, device=prob.device), self.codes)
+            self.codes = xp.where(running, self._code[COMPLETED], self.codes)
         else:
-            self.codes = xp.where(running, xp.asarray(MAX_ITERATIONS, dtype=xp.int64, device=prob.device), self.codes)
+            self.codes = xp.where(running, self._code[MAX_ITERATIONS], self.codes)
         bad = (self.codes == DIVERGED) | (self.codes == NONFINITE)
         bad = bad | ~xp.all(xp.isfinite(x), axis=-1)
         if self.best_x is not None:
