@@ -36,7 +36,6 @@ class CheckedMonitor(Monitor):
             The reopened systems; None in fixed-budget mode (there is no target).
         """
         xp = self.xp
-        dev = self.prob.device
         better = xp.isfinite(rtrue) & (rtrue <= self.best_r)
         self.best_r = xp.where(better, rtrue, self.best_r)
         self.best_x = x if self.best_x is None else xp.where(better[:, None], x, self.best_x)
@@ -45,7 +44,7 @@ class CheckedMonitor(Monitor):
             return None
         ok = rtrue <= self.target
         reopen = (self.codes == CONVERGED) & ~ok
-        self.codes = xp.where(reopen, xp.asarray(RUNNING, dtype=xp.int64, device=dev), self.codes)
+        self.codes = xp.where(reopen, self._code[RUNNING], self.codes)
         self.active = self.active | reopen
         self._set(self.active & ok, CONVERGED)
         return reopen

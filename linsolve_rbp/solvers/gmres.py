@@ -19,22 +19,19 @@ from ._checked import CheckedMonitor
 __all__ = ["GMRES"]
 
 
-def _givens(xp, a, b, cplx):
-    """Per-system rotation ``G = [[c, s], [-conj(s), c]]`` with ``G [a, b]^T = [r, 0]^T``;
-    ``c`` is real. A zero pair gives the identity and ``r = 0``."""
-    absa = xp.abs(a)
-    nrm = xp.hypot(absa, xp.abs(b))
-    one = xp.ones_like(absa)
-    pos = nrm > 0
-    safe = xp.where(pos, nrm, one)
-    c = xp.where(pos, absa / safe, one)
+def _givens(xp, a, b, cplx, one):
+    """Per-system rotation ``G = [[c, s], [-conj(s), c]]`` with ``G [a, b]^T = [r, 0]^T``,
+    for ``b >= 0`` real; ``c`` is real. A zero pair gives ``c = s = r = 0``: it only occurs
+    where GMRES breaks down, and that system's rotation is not used afterwards."""
     if cplx:
+        absa = xp.abs(a)
+        nrm = xp.hypot(absa, b)
+        safe = xp.where(nrm > 0, nrm, one)
         phase = xp.where(absa > 0, a / xp.where(absa > 0, absa, one), xp.ones_like(a))
-        s = phase * xp.conj(b) / safe
-    else:
-        phase = xp.where(a < 0, -one, one)
-        s = phase * b / safe
-    return c, s, phase * nrm
+        return absa / safe, phase * (b / safe), phase * nrm
+    nrm = xp.hypot(a, b)
+    safe = xp.where(nrm > 0, nrm, one)
+    return a / safe, b / safe, nrm
 
 
 class GMRES(Solver):
@@ -112,26 +109,26 @@ class GMRES(Solver):
         return out
 
     @staticmethod
-    def _form_x(xp, dev, x, V, R, g, kdim, psolve):
-        """``x + M V_k y`` with ``y`` solving the masked triangular system ``R y = g``."""
-        k = len(g) - 1
+    def _form_x(xp, dev, x, V, R, g, use, psolve):
+        """``x + M V_k y`` with ``y`` solving the masked triangular system ``R_k y = g_k``
+        (``k = use.shape[1]``; ``use`` marks the columns inside each system's own Krylov
+        dimension)."""
+        k = use.shape[1]
         if k == 0:
             return x
         Rk = R[:, :k, :k]
-        diag = xp.stack([R[:, i, i] for i in range(k)], axis=-1)
-        cols = xp.arange(k, device=dev)
+        use = use & (xp.linalg.diagonal(Rk) != 0)
         # Columns past a system's own Krylov dimension (it stopped mid-cycle) or behind a
         # zero pivot are replaced by identity columns with a zero right-hand side: y = 0 there.
-        use = (cols[None, :] < kdim[:, None]) & (diag != 0)
         eye = xp.eye(k, dtype=R.dtype, device=dev)
         Rm = xp.where(use[:, None, :], Rk, eye)
-        gk = xp.stack(g[:k], axis=-1)
+        gk = g[:, :k]
         gm = xp.where(use, gk, xp.zeros_like(gk))
         y = xp.linalg.solve(Rm, gm[:, :, None])
         u = xp.matmul(xp.matrix_transpose(V[:, :k, :]), y)[:, :, 0]
         if psolve is not None:
             u = psolve(u)
-        return xp.where((kdim > 0)[:, None], x + u, x)
+        return xp.where(use[:, 0:1], x + u, x)
 
     def run(self, prob: Problem):
         xp = prob.xp
@@ -152,69 +149,90 @@ class GMRES(Solver):
         target = mon.target
         ones_r = xp.ones((B,), dtype=rdtype, device=dev)
         zeros_r = xp.zeros((B,), dtype=rdtype, device=dev)
+        zero = xp.zeros((1, 1), dtype=dtype, device=dev)
         factor = ones_r
         V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
         R = xp.zeros((B, m, m), dtype=dtype, device=dev)
+        # P = Q^T, Q the product of the cycle's Givens rotations: one matrix product applies
+        # all earlier rotations to a new Hessenberg column, and P[:, 0, :] * beta is the
+        # rotated right-hand side of the least-squares problem.
+        P = xp.zeros((B, m + 1, m + 1), dtype=dtype, device=dev)
+        eye = xp.eye(m + 1, dtype=dtype, device=dev)
+        if cplx:
+            def nrm(v):
+                return xp.linalg.vector_norm(v, axis=-1)
+        else:
+            def nrm(v):
+                return xp.sqrt(xp.vecdot(v, v))
+        mv, psolve, callback = prob.mv, prob.psolve, prob.callback
         rtrue = beta
         cycles = 0
         while mon.k < prob.maxiter and bool(xp.any(mon.active)):
             cycles += 1
             live = mon.active & (beta > 0)
             safe = xp.where(beta > 0, beta, ones_r)
-            V[:, 0, :] = xp.where(live[:, None], r / safe[:, None], xp.zeros_like(r))
-            g = [xp.astype(beta, dtype)]
-            cs, sn = [], []
-            kdim = xp.zeros((B,), dtype=xp.int64, device=dev)
+            V[:, 0, :] = xp.where(live[:, None], r / safe[:, None], zero)
+            P[...] = eye
+            gcur = xp.astype(beta, dtype)
+            lives = []
             est = beta
             for j in range(m):
                 if mon.k >= prob.maxiter:
                     break
                 vj = V[:, j, :]
-                w = prob.mv(vj if prob.psolve is None else prob.psolve(vj))
-                h0 = norm(xp, w)
+                w = mv(vj if psolve is None else psolve(vj))[:, None, :]
+                eh0 = eps * nrm(w)[:, 0]
+                # Classical Gram-Schmidt, twice, on rows: (B, 1, n) against the basis.
                 Vj = V[:, : j + 1, :]
-                VjH = conj(Vj)
                 VjT = xp.matrix_transpose(Vj)
-                h = xp.matmul(VjH, w[:, :, None])
-                w = w - xp.matmul(VjT, h)[:, :, 0]
-                h2 = xp.matmul(VjH, w[:, :, None])
-                w = w - xp.matmul(VjT, h2)[:, :, 0]
-                h = (h + h2)[:, :, 0]
-                hn = norm(xp, w)
-                lucky = hn <= eps * h0
+                if cplx:
+                    h = xp.conj(xp.matmul(xp.conj(w), VjT))
+                    w = w - xp.matmul(h, Vj)
+                    h2 = xp.conj(xp.matmul(xp.conj(w), VjT))
+                else:
+                    h = xp.matmul(w, VjT)
+                    w = w - xp.matmul(h, Vj)
+                    h2 = xp.matmul(w, VjT)
+                w = w - xp.matmul(h2, Vj)
+                h = h + h2
+                hn = nrm(w)[:, 0]
+                lucky = hn <= eh0
                 hn = xp.where(lucky, zeros_r, hn)
-                safe_hn = xp.where(hn > 0, hn, ones_r)
-                V[:, j + 1, :] = xp.where((live & ~lucky)[:, None], w / safe_hn[:, None], xp.zeros_like(w))
-                col = [h[:, i] for i in range(j + 1)]
-                for i in range(j):
-                    a, b = col[i], col[i + 1]
-                    col[i] = cs[i] * a + sn[i] * b
-                    col[i + 1] = -conj(sn[i]) * a + cs[i] * b
-                c, s, rr = _givens(xp, col[j], xp.astype(hn, dtype), cplx)
-                cs.append(c)
-                sn.append(s)
-                col[j] = rr
-                R[:, : j + 1, j] = xp.stack(col, axis=-1)
+                keep = live & ~lucky
+                V[:, j + 1, :] = xp.where(keep[:, None], w[:, 0, :] / xp.where(lucky, ones_r, hn)[:, None], zero)
+                col = xp.matmul(h, P[:, : j + 1, : j + 1])[:, 0, :]
+                c, s, rr = _givens(xp, col[:, j], hn, cplx, ones_r)
+                R[:, : j + 1, j] = col
+                R[:, j, j] = rr
+                if cplx:
+                    c = xp.astype(c, dtype)
+                    ms = -xp.conj(s)
+                else:
+                    ms = -s
+                pj = P[:, : j + 1, j]
+                P[:, : j + 1, j + 1] = ms[:, None] * pj
+                P[:, : j + 1, j] = c[:, None] * pj
+                P[:, j + 1, j] = s
+                P[:, j + 1, j + 1] = c
+                gcur = ms * gcur
                 # A pivot that vanishes to working precision (so h_{j+1,j} does too): A M is
                 # singular on the Krylov space and the residual cannot be reduced further; the
                 # column is left out, so x minimises the residual over the previous space.
-                broke = live & (xp.abs(rr) <= eps * h0)
-                mon.flag(broke, BREAKDOWN)
+                broke = live & ((xp.abs(rr) if cplx else rr) <= eh0)
+                mon._set(broke, BREAKDOWN)
                 live = live & ~broke
-                gj = g[j]
-                g[j] = xp.where(live, c * gj, gj)
-                g.append(xp.where(live, -conj(s) * gj, xp.zeros_like(gj)))
-                kdim = xp.where(live, kdim + 1, kdim)
-                est = xp.where(live, xp.abs(g[j + 1]), est)
+                lives.append(live)
+                est = xp.where(live, xp.abs(gcur), est)
                 live = live & ~lucky
                 xk = None
-                if prob.callback is not None:
-                    xk = self._form_x(xp, dev, x, V, R, g, kdim, prob.psolve)
+                if callback is not None:
+                    xk = self._form_x(xp, dev, x, V, R, self._rhs(xp, beta, P), xp.stack(lives, axis=-1), psolve)
                 stop = mon.update(est, xk)
                 live = live & mon.active
                 if stop:
                     break
-            x = self._form_x(xp, dev, x, V, R, g, kdim, prob.psolve)
+            if lives:
+                x = self._form_x(xp, dev, x, V, R, self._rhs(xp, beta, P), xp.stack(lives, axis=-1), psolve)
             r = prob.b - prob.mv(x)
             rtrue = norm(xp, r)
             reopened = mon.check(x, rtrue)
@@ -232,3 +250,8 @@ class GMRES(Solver):
                 mon.threshold = xp.where(mon.active, inner, mon.threshold)
             beta = rtrue
         return mon.finish(x, rtrue, info={"cycles": cycles, "restart": m})
+
+    @staticmethod
+    def _rhs(xp, beta, P):
+        """The rotated right-hand side ``beta Q e_1`` of the cycle's least-squares problem."""
+        return xp.astype(beta, P.dtype)[:, None] * P[:, 0, :]
