@@ -158,6 +158,7 @@ class Monitor:
             for c in (RUNNING, CONVERGED, COMPLETED, MAX_ITERATIONS, BREAKDOWN, DIVERGED, NONFINITE)
         }
         self._divlim = None if prob.divtol is None else prob.divtol * r0norm
+        self._single = B == 1
         self._test(r0norm)
 
     def _set(self, mask, code):
@@ -216,8 +217,15 @@ class Monitor:
             else:
                 cb(self.k, None if x is None else x[0, ...], rnorm[0])
         if self.k % self.prob.check_every == 0:
-            return not bool(xp.any(self.active))
+            return not self.any_active()
         return False
+
+    def any_active(self) -> bool:
+        """Whether any system is still running (one host synchronisation)."""
+        if self._single:
+            # Same answer for a batch of one, without the cost of a reduction.
+            return bool(self.active[0])
+        return bool(self.xp.any(self.active))
 
     def finish(self, x, rnorm=None, info=None) -> Outcome:
         """Close the solve: statuses of systems still running, best iterates where the
