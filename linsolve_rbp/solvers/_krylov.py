@@ -37,4 +37,4 @@ def scalars(prob, value: float):
 
 def any_active(mon) -> bool:
     """Whether any system is still running (one host synchronisation)."""
-    return bool(mon.xp.any(mon.active))
+    return mon.any_active()

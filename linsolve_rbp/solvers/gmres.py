@@ -109,21 +109,28 @@ class GMRES(Solver):
         return out
 
     @staticmethod
-    def _form_x(xp, dev, x, V, R, g, use, psolve):
-        """``x + M V_k y`` with ``y`` solving the masked triangular system ``R_k y = g_k``
-        (``k = use.shape[1]``; ``use`` marks the columns inside each system's own Krylov
-        dimension)."""
-        k = use.shape[1]
+    def _form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve):
+        """``x + M V_k y`` with ``y`` minimising ``||beta e_1 - H_k y||`` over each system's
+        own Krylov dimension, after ``k = len(cs)`` steps of a cycle.
+
+        Row ``i`` of the rotation product ``Q`` is ``c_i q_i + s_i e_{i+1}``, with ``q_i`` the
+        row the step-``i`` rotation acted on (kept in ``Qh``), so ``R = Q H`` and the rotated
+        right-hand side ``g = beta Q e_1`` take one matrix product each."""
+        k = len(cs)
         if k == 0:
             return x
-        Rk = R[:, :k, :k]
-        use = use & (xp.linalg.diagonal(Rk) != 0)
+        c = xp.stack(cs, axis=-1)[:, :, None]
+        s = xp.stack(sn, axis=-1)[:, :, None]
+        shift = xp.eye(k, k + 1, k=1, dtype=H.dtype, device=dev)
+        Q = c * Qh[:, :k, : k + 1] + s * shift
+        R = xp.triu(xp.matmul(Q, H[:, : k + 1, :k]))
+        g = xp.astype(beta, H.dtype)[:, None] * Q[:, :, 0]
         # Columns past a system's own Krylov dimension (it stopped mid-cycle) or behind a
         # zero pivot are replaced by identity columns with a zero right-hand side: y = 0 there.
-        eye = xp.eye(k, dtype=R.dtype, device=dev)
-        Rm = xp.where(use[:, None, :], Rk, eye)
-        gk = g[:, :k]
-        gm = xp.where(use, gk, xp.zeros_like(gk))
+        use = xp.stack(lives, axis=-1) & (xp.linalg.diagonal(R) != 0)
+        eye = xp.eye(k, dtype=H.dtype, device=dev)
+        Rm = xp.where(use[:, None, :], R, eye)
+        gm = xp.where(use, g, xp.zeros_like(g))
         y = xp.linalg.solve(Rm, gm[:, :, None])
         u = xp.matmul(xp.matrix_transpose(V[:, :k, :]), y)[:, :, 0]
         if psolve is not None:
@@ -152,12 +159,14 @@ class GMRES(Solver):
         zero = xp.zeros((1, 1), dtype=dtype, device=dev)
         factor = ones_r
         V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
-        R = xp.zeros((B, m, m), dtype=dtype, device=dev)
-        # P = Q^T, Q the product of the cycle's Givens rotations: one matrix product applies
-        # all earlier rotations to a new Hessenberg column, and P[:, 0, :] * beta is the
-        # rotated right-hand side of the least-squares problem.
-        P = xp.zeros((B, m + 1, m + 1), dtype=dtype, device=dev)
-        eye = xp.eye(m + 1, dtype=dtype, device=dev)
+        # The Hessenberg matrix of a cycle, and the rows q_j of the accumulated Givens
+        # rotations Q that the step-j rotation acts on: the rotated pivot of a new column is
+        # q_j . h (one product per step, not j rotations), and Q is rebuilt from the q_j when
+        # x is formed.
+        H = xp.zeros((B, m + 1, m), dtype=dtype, device=dev)
+        Qh = xp.zeros((B, m, m + 1), dtype=dtype, device=dev)
+        e0 = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+        e0[:, 0] = 1
         if cplx:
             def nrm(v):
                 return xp.linalg.vector_norm(v, axis=-1)
@@ -167,53 +176,56 @@ class GMRES(Solver):
         mv, psolve, callback = prob.mv, prob.psolve, prob.callback
         rtrue = beta
         cycles = 0
-        while mon.k < prob.maxiter and bool(xp.any(mon.active)):
+        while mon.k < prob.maxiter and mon.any_active():
             cycles += 1
             live = mon.active & (beta > 0)
             safe = xp.where(beta > 0, beta, ones_r)
             V[:, 0, :] = xp.where(live[:, None], r / safe[:, None], zero)
-            P[...] = eye
+            q = xp.asarray(e0, copy=True)
             gcur = xp.astype(beta, dtype)
-            lives = []
+            cs, sn, lives = [], [], []
             est = beta
             for j in range(m):
                 if mon.k >= prob.maxiter:
                     break
                 vj = V[:, j, :]
-                w = mv(vj if psolve is None else psolve(vj))[:, None, :]
-                eh0 = eps * nrm(w)[:, 0]
-                # Classical Gram-Schmidt, twice, on rows: (B, 1, n) against the basis.
+                w = mv(vj if psolve is None else psolve(vj))
+                eh0 = eps * nrm(w)
+                # Classical Gram-Schmidt, twice, as batched products with the basis; w is a
+                # (B, n, 1) column here.
+                w = w[:, :, None]
                 Vj = V[:, : j + 1, :]
-                VjT = xp.matrix_transpose(Vj)
+                VjT = Vj.mT
                 if cplx:
-                    h = xp.conj(xp.matmul(xp.conj(w), VjT))
-                    w = w - xp.matmul(h, Vj)
-                    h2 = xp.conj(xp.matmul(xp.conj(w), VjT))
+                    h = xp.conj(xp.matmul(Vj, xp.conj(w)))
+                    w = w - xp.matmul(VjT, h)
+                    h2 = xp.conj(xp.matmul(Vj, xp.conj(w)))
                 else:
-                    h = xp.matmul(w, VjT)
-                    w = w - xp.matmul(h, Vj)
-                    h2 = xp.matmul(w, VjT)
-                w = w - xp.matmul(h2, Vj)
+                    h = xp.matmul(Vj, w)
+                    w = w - xp.matmul(VjT, h)
+                    h2 = xp.matmul(Vj, w)
+                w = w[:, :, 0] - xp.matmul(VjT, h2)[:, :, 0]
                 h = h + h2
-                hn = nrm(w)[:, 0]
+                hn = nrm(w)
                 lucky = hn <= eh0
                 hn = xp.where(lucky, zeros_r, hn)
-                keep = live & ~lucky
-                V[:, j + 1, :] = xp.where(keep[:, None], w[:, 0, :] / xp.where(lucky, ones_r, hn)[:, None], zero)
-                col = xp.matmul(h, P[:, : j + 1, : j + 1])[:, 0, :]
-                c, s, rr = _givens(xp, col[:, j], hn, cplx, ones_r)
-                R[:, : j + 1, j] = col
-                R[:, j, j] = rr
+                unlucky = ~lucky
+                V[:, j + 1, :] = xp.where((live & unlucky)[:, None], w / xp.where(lucky, ones_r, hn)[:, None], zero)
+                H[:, : j + 1, j] = h[:, :, 0]
+                a = xp.matmul(q[:, None, : j + 1], h)[:, 0, 0]
+                c, s, rr = _givens(xp, a, hn, cplx, ones_r)
+                Qh[:, j, :] = q
                 if cplx:
+                    H[:, j + 1, j] = xp.astype(hn, dtype)
                     c = xp.astype(c, dtype)
                     ms = -xp.conj(s)
                 else:
+                    H[:, j + 1, j] = hn
                     ms = -s
-                pj = P[:, : j + 1, j]
-                P[:, : j + 1, j + 1] = ms[:, None] * pj
-                P[:, : j + 1, j] = c[:, None] * pj
-                P[:, j + 1, j] = s
-                P[:, j + 1, j + 1] = c
+                q = ms[:, None] * q
+                q[:, j + 1] = c
+                cs.append(c)
+                sn.append(s)
                 gcur = ms * gcur
                 # A pivot that vanishes to working precision (so h_{j+1,j} does too): A M is
                 # singular on the Krylov space and the residual cannot be reduced further; the
@@ -223,16 +235,15 @@ class GMRES(Solver):
                 live = live & ~broke
                 lives.append(live)
                 est = xp.where(live, xp.abs(gcur), est)
-                live = live & ~lucky
+                live = live & unlucky
                 xk = None
                 if callback is not None:
-                    xk = self._form_x(xp, dev, x, V, R, self._rhs(xp, beta, P), xp.stack(lives, axis=-1), psolve)
+                    xk = self._form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve)
                 stop = mon.update(est, xk)
                 live = live & mon.active
                 if stop:
                     break
-            if lives:
-                x = self._form_x(xp, dev, x, V, R, self._rhs(xp, beta, P), xp.stack(lives, axis=-1), psolve)
+            x = self._form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve)
             r = prob.b - prob.mv(x)
             rtrue = norm(xp, r)
             reopened = mon.check(x, rtrue)
@@ -250,8 +261,3 @@ class GMRES(Solver):
                 mon.threshold = xp.where(mon.active, inner, mon.threshold)
             beta = rtrue
         return mon.finish(x, rtrue, info={"cycles": cycles, "restart": m})
-
-    @staticmethod
-    def _rhs(xp, beta, P):
-        """The rotated right-hand side ``beta Q e_1`` of the cycle's least-squares problem."""
-        return xp.astype(beta, P.dtype)[:, None] * P[:, 0, :]
