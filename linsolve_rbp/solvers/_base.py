@@ -142,6 +142,7 @@ class Monitor:
         xp = self.xp = prob.xp
         self.prob = prob
         self.k = 0
+        self._dirty = False
         self.threshold = prob.thresholds()
         self.r0 = r0norm
         self.history = [r0norm]
@@ -151,46 +152,88 @@ class Monitor:
         self.best_r = xp.where(xp.isfinite(r0norm), r0norm, xp.asarray(float("inf"), dtype=r0norm.dtype, device=prob.device))
         # Copies: solvers may update their iterate in place (neumann accumulates its sum).
         self.best_x = None if x0 is None else xp.asarray(x0, copy=True)
-        # The status codes as device arrays and the divergence limit, made once: the tests run
-        # every iteration, where building them again would cost as much as the tests.
+        # The status codes as device arrays, made once.
         self._code = {
             c: xp.asarray(c, dtype=xp.int64, device=prob.device)
             for c in (RUNNING, CONVERGED, COMPLETED, MAX_ITERATIONS, BREAKDOWN, DIVERGED, NONFINITE)
         }
-        self._divlim = None if prob.divtol is None else prob.divtol * r0norm
+        # The divergence limit, kept finite so that ``r <= limit`` also rejects inf and NaN.
+        self._divlim = None
+        if prob.divtol is not None:
+            self._divlim = xp.minimum(prob.divtol * r0norm, xp.asarray(xp.finfo(r0norm.dtype).max, dtype=r0norm.dtype, device=prob.device))
         self._single = B == 1
+        self._stop_r = r0norm
         self._test(r0norm)
+
+    # The tests run every iteration and only decide which systems go on (``active``); the
+    # status code of a system that stopped in a test follows from the residual norm it
+    # stopped at (``_stop_r``), and is written when the codes are next read or the threshold
+    # changes. This keeps the per-iteration work to a few elementwise operations.
+    @property
+    def codes(self):
+        """Per-system status codes ``(B,)`` (``RUNNING`` = -1 while running)."""
+        if self._dirty:
+            self._flush()
+        return self._codes
+
+    @codes.setter
+    def codes(self, value):
+        if self._dirty:
+            self._flush()
+        self._codes = value
+
+    @property
+    def threshold(self):
+        """Per-system stopping thresholds ``(B,)`` applied to the residual norms passed to
+        :meth:`update`, or None in fixed-budget mode."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value):
+        if self._dirty:
+            self._flush()
+        self._threshold = value
+
+    def _flush(self):
+        """Write the codes of the systems that stopped in a test since the last flush: ranked
+        NONFINITE, CONVERGED, DIVERGED, as the tests are."""
+        self._dirty = False
+        xp = self.xp
+        code = self._code
+        r = self._stop_r
+        pending = (self._codes == RUNNING) & ~self.active
+        if self._threshold is None:
+            new = code[DIVERGED]
+        else:
+            new = xp.where(r <= self._threshold, code[CONVERGED], code[DIVERGED])
+        new = xp.where(xp.isfinite(r), new, code[NONFINITE])
+        self._codes = xp.where(pending, new, self._codes)
 
     def _set(self, mask, code):
         xp = self.xp
         c = self._code.get(code)
         if c is None:
             c = xp.asarray(code, dtype=xp.int64, device=self.prob.device)
-        self.codes = xp.where(mask, c, self.codes)
+        # Systems in mask are running (not pending a code from a test), so no flush is needed.
+        self._codes = xp.where(mask, c, self._codes)
         self.active = self.active & ~mask
 
     def _test(self, rnorm):
-        # One pass over the three tests, ranked NONFINITE, CONVERGED, DIVERGED: the code each
-        # system would stop with, then one update of the running ones.
+        # A system goes on while its residual norm is finite, above the threshold and (after
+        # the first iteration) at most the divergence limit.
         xp = self.xp
-        code = self._code
-        finite = xp.isfinite(rnorm)
-        stop = ~finite
+        thr = self._threshold
         div = self._divlim is not None and self.k > 0
-        new = code[NONFINITE]
-        if self.threshold is not None:
-            conv = rnorm <= self.threshold
-            stop = stop | conv
-            if div:
-                stop = stop | (rnorm > self._divlim)
-                new = xp.where(finite, xp.where(conv, code[CONVERGED], code[DIVERGED]), new)
-            else:
-                new = xp.where(finite, code[CONVERGED], new)
+        if thr is not None:
+            go = rnorm > thr
+            go = go & (rnorm <= self._divlim) if div else go & xp.isfinite(rnorm)
         elif div:
-            stop = stop | (rnorm > self._divlim)
-            new = xp.where(finite, code[DIVERGED], new)
-        self.codes = xp.where(self.active & stop, new, self.codes)
-        self.active = self.active & ~stop
+            go = rnorm <= self._divlim
+        else:
+            go = xp.isfinite(rnorm)
+        self._stop_r = xp.where(self.active, rnorm, self._stop_r)
+        self.active = self.active & go
+        self._dirty = True
 
     def flag(self, mask, code: int) -> None:
         """Mark systems in ``mask`` (still active) as stopped with ``code`` (e.g. BREAKDOWN)."""
