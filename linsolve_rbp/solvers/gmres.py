@@ -169,7 +169,7 @@ class GMRES(Solver):
         e0[:, 0] = 1
         if cplx:
             def nrm(v):
-                return xp.linalg.vector_norm(v, axis=-1)
+                return xp.sqrt(xp.real(xp.vecdot(v, v)))
         else:
             def nrm(v):
                 return xp.sqrt(xp.vecdot(v, v))
