@@ -210,7 +210,10 @@ class GMRES(Solver):
                 lucky = hn <= eh0
                 hn = xp.where(lucky, zeros_r, hn)
                 unlucky = ~lucky
-                V[:, j + 1, :] = xp.where((live & unlucky)[:, None], w / xp.where(lucky, ones_r, hn)[:, None], zero)
+                # One scaling pass over w: 1 / h_{j+1,j} for a system that goes on, 0 for one
+                # that stopped or found an invariant space (its unused rows stay zero).
+                scale = xp.where(live & unlucky, ones_r / xp.where(lucky, ones_r, hn), zeros_r)
+                V[:, j + 1, :] = w * (xp.astype(scale, dtype) if cplx else scale)[:, None]
                 H[:, : j + 1, j] = h[:, :, 0]
                 a = xp.matmul(q[:, None, : j + 1], h)[:, 0, 0]
                 c, s, rr = _givens(xp, a, hn, cplx, ones_r)
