@@ -146,9 +146,6 @@ class GMRES(Solver):
         cplx = xp.isdtype(dtype, "complex floating")
         eps = float(xp.finfo(rdtype).eps)
 
-        def conj(a):
-            return xp.conj(a) if cplx else a
-
         x = prob.initial_x()
         r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
         beta = norm(xp, r)
