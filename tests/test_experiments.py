@@ -103,6 +103,17 @@ def test_hopfield_rbp_fails_more_often_than_neumann_at_k10():
     assert final_rbp > final_neu
 
 
+@pytest.mark.parametrize("method", ["bptt", "tbptt", "neumann"])
+def test_hopfield_weights_stay_symmetric_with_zero_diagonal(method):
+    imgs, _ = data.load_hopfield_digits()
+    cfg = hopfield.HopfieldConfig(hidden=16, steps=6, lr=1e-2)
+    out = hopfield.train(method, imgs[:2], truncate=3, epochs=2, cfg=cfg, keep_weights=True)
+    W = out["W"]
+    assert float((W - W.T).abs().max()) == 0.0
+    assert float(W.diagonal().abs().max()) == 0.0
+    assert out["train_loss"][-1] != out["train_loss"][0]
+
+
 def test_hopfield_corrupt_turns_off_half_the_lit_pixels():
     imgs, labels = data.load_hopfield_digits()
     assert imgs.shape == (10, 784) and list(labels) == list(range(10))

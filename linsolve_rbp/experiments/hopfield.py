@@ -184,7 +184,7 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
     # code, so W stays symmetric with no self-loops (the Hopfield model's assumptions) instead
     # of drifting asymmetric under Adam.
     V = _raw_weights(cfg, seed).requires_grad_(True)
-    W = symmetrise(V.detach())
+    W = symmetrise(V.detach()).requires_grad_(True)  # BPTT/TBPTT differentiate through W
     opt = torch.optim.Adam([V], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_decay_step, gamma=0.1)
     out = {"method": method, "truncate": truncate, "seed": seed, "train_loss": [], "val_loss": [],
@@ -211,10 +211,10 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
             V.grad = symmetrise(grads[0])  # chain rule through W = V + V^T, diagonal masked
             opt.step()
             sched.step()
-            W = symmetrise(V.detach())
+            W = symmetrise(V.detach()).requires_grad_(True)
         record()
         bar.set_postfix(loss=out["train_loss"][-1], refresh=False)
     out["success"] = success(out["train_loss"])
     if keep_weights:
-        out["W"] = W
+        out["W"] = W.detach()
     return out

@@ -433,9 +433,12 @@ def cost_table(data, *, steps: int = 1000, truncations=(10, 50, 100), seed: int 
     """Time and extra peak memory of one BPTT and one Neumann-RBP meta-gradient (Table 3).
 
     Each measurement runs in a fresh process on random data of ``data``'s size (CPU, one
-    thread); memory is the growth of the process's peak resident set during the call over its
-    level after the data are made and kernels warmed up on a 400-example slice, so it counts
-    the graph kept for back-propagation and, for Neumann-RBP, the full-batch last step.
+    thread). Time comes from one process; memory from a second one started with glibc's
+    ``MALLOC_MMAP_THRESHOLD_=0``, so that every freed block goes back to the system and the
+    peak resident set follows the live tensors: memory is the growth of that peak during the
+    call over its level after the data are made and kernels warmed up on a 400-example slice.
+    It counts the graph kept for back-propagation and, for Neumann-RBP, the full-batch last
+    step. Without that setting, freed heap is reused and a small growth goes unseen.
 
     Returns
     -------
@@ -444,23 +447,37 @@ def cost_table(data, *, steps: int = 1000, truncations=(10, 50, 100), seed: int 
         (BPTT / Neumann-RBP, per truncation).
     """
     import multiprocessing as mp
+    import os
 
     n = int(data[0].shape[0])
     ctx = mp.get_context("spawn")
 
-    def measure(method, K):
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_cost_child, args=(child, method, steps, K, n, seed))
-        p.start()
-        t, m = parent.recv()
+    def child(method, K, env):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # a spawned child reads the environment at start
+        try:
+            parent, conn = ctx.Pipe()
+            p = ctx.Process(target=_cost_child, args=(conn, method, steps, K, n, seed))
+            p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        out = parent.recv()
         p.join()
+        return out
+
+    def measure(method, K):
+        t, _ = child(method, K, {})
+        _, m = child(method, K, {"MALLOC_MMAP_THRESHOLD_": "0"})
         return {"time_s": t, "memory_mb": m}
 
     out = {"steps": steps, "n": n, "bptt": measure("bptt", None), "neumann": {}, "ratios": {}}
     for K in truncations:
         r = out["neumann"][str(K)] = measure("neumann", K)
-        # ru_maxrss is a high-water mark: a growth under 1 MB (the warm-up already reached it)
-        # gives no meaningful ratio.
+        # ru_maxrss is a high-water mark: a growth under 1 MB gives no meaningful ratio.
         out["ratios"][str(K)] = {"time": out["bptt"]["time_s"] / r["time_s"],
                                  "memory": (out["bptt"]["memory_mb"] / r["memory_mb"]
                                             if r["memory_mb"] >= 1.0 else None)}
