@@ -63,7 +63,6 @@ class BiCGStab(Solver):
         B = prob.nsys
         dtype, rdtype = prob.dtype, prob.real_dtype
         eps2 = float(xp.finfo(rdtype).eps) ** 2
-        zeros_r = xp.zeros((B,), dtype=rdtype, device=dev)
         ones = xp.ones((B,), dtype=dtype, device=dev)
         zeros = xp.zeros((B,), dtype=dtype, device=dev)
         no = xp.zeros((B,), dtype=xp.bool, device=dev)
