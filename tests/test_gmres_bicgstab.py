@@ -59,7 +59,7 @@ def test_matches_dense_solve(method, dtype, backend, kind):
     r_true = np.linalg.norm(b - M.astype(np.float64) @ x)
     # The reported residual is the true one, and it meets the tolerance.
     assert r_true <= 1.01 * rtol * np.linalg.norm(b)
-    assert res.residual_norm == pytest.approx(r_true, rel=0.05, abs=10 * np.finfo(dtype).eps * np.linalg.norm(b))
+    assert res.residual_norm == pytest.approx(r_true, rel=0.05, abs=float(10 * np.finfo(dtype).eps * np.linalg.norm(b)))
     assert np.linalg.norm(x - x_ref) <= 10 * rtol * np.linalg.norm(x_ref)
     assert res.matvecs >= res.iterations >= 1 and res.rmatvecs == 0
     assert res.residual_history.shape == (res.iterations + 1,)

@@ -55,7 +55,7 @@ def test_solves_and_reports(method, dtype, backend, kind):
     M64, b64 = M.astype(np.float64), b.astype(np.float64)
     r_true = np.linalg.norm(b64 - M64 @ x)
     assert r_true <= 1.01 * rtol * np.linalg.norm(b64)
-    assert res.residual_norm == pytest.approx(r_true, rel=0.05, abs=10 * np.finfo(dtype).eps * np.linalg.norm(b64))
+    assert res.residual_norm == pytest.approx(r_true, rel=0.05, abs=float(10 * np.finfo(dtype).eps * np.linalg.norm(b64)))
     x_ref = np.linalg.solve(M64, b64)
     assert np.linalg.norm(x - x_ref) <= 20 * rtol * np.linalg.norm(x_ref)
     assert res.matvecs >= 1
