@@ -43,3 +43,9 @@ def make_operator(kind, M, backend, rmatvec=True):
     like = to_backend(np.zeros(M.shape[1], dtype=M.dtype), backend)
     rmv = (lambda y: y @ Mb) if rmatvec else None
     return lr.LinearOperator(M.shape, matvec=lambda x: x @ MT, rmatvec=rmv, like=like)
+
+
+def rel_residual(A, x, b):
+    """``||b - A x|| / ||b||`` in float64, for numpy ``A`` and numpy or converted ``x``."""
+    A, x, b = (np.asarray(v, dtype=np.float64) for v in (A, x, b))
+    return np.linalg.norm(b - A @ x) / np.linalg.norm(b)

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
 import linsolve_rbp as lr
-from _backends import CASES, RTOL, make_operator, to_backend
+from _backends import CASES, RTOL, make_operator, rel_residual, to_backend
 from linsolve_rbp.backend import to_numpy
 from linsolve_rbp.problems import convection_diffusion
 
@@ -40,11 +40,6 @@ def indefinite(n, seed=0):
     eig = np.concatenate([-np.linspace(1, 10, n // 2), np.linspace(1, 20, n - n // 2)])
     A = (Q * eig) @ Q.T
     return (A + A.T) / 2
-
-
-def rel_residual(A, x, b):
-    A, x, b = (np.asarray(v, dtype=np.float64) for v in (A, x, b))
-    return np.linalg.norm(b - A @ x) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse.linalg as sla
 
 import linsolve_rbp as lr
-from _backends import CASES, RTOL, make_operator, to_backend
+from _backends import CASES, RTOL, make_operator, rel_residual, to_backend
 from linsolve_rbp.backend import to_numpy
 from linsolve_rbp.problems import convection_diffusion, random_contractive
 
@@ -37,11 +37,6 @@ def least_squares_problem(m, n, seed=0, dtype=np.float64):
     A = rng.standard_normal((m, n))
     b = rng.standard_normal(m)
     return A.astype(dtype), b.astype(dtype)
-
-
-def rel_residual(A, x, b):
-    A, x, b = (np.asarray(v, dtype=np.float64) for v in (A, x, b))
-    return np.linalg.norm(b - A @ x) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -10,6 +10,7 @@ from ``prob.xp``, never from numpy, torch or cupy. They never write into ``prob.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -317,6 +318,9 @@ class Solver:
         ``M`` may be given.
     options : dict
         Method-specific keyword options and their defaults.
+    option_kinds : dict
+        Option name -> ``"nonnegative"`` or ``"positive_int"``, validated by
+        :meth:`check_options`.
     """
 
     name = "?"
@@ -325,6 +329,9 @@ class Solver:
     needs_square = True
     accepts_preconditioner = False
     options: dict = {}
+    #: How ``check_options`` validates an option: ``"nonnegative"`` (a real >= 0, as float)
+    #: or ``"positive_int"``.
+    option_kinds: dict = {}
 
     def default_maxiter(self, n: int) -> int:
         """``min(10 n, 10000)``: enough for any well-posed Krylov solve, bounded for huge n."""
@@ -340,6 +347,16 @@ class Solver:
             )
         out = dict(self.options)
         out.update(options)
+        for name, kind in self.option_kinds.items():
+            value = out[name]
+            if kind == "nonnegative":
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+                    raise ValueError(f"{name} must be a non-negative real number, got {value!r}")
+                out[name] = float(value)
+            elif kind == "positive_int":
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                out[name] = int(value)
         return out
 
     def run(self, prob: Problem) -> Outcome:  # pragma: no cover - abstract

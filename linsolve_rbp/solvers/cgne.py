@@ -17,8 +17,6 @@ Back-Propagation", ICML 2018 (CG-RBP).
 
 from __future__ import annotations
 
-import numbers
-
 from ._base import Monitor, Problem, Solver, norm
 from .cg import conjugate_gradients
 
@@ -78,14 +76,7 @@ class CGNE(Solver):
     name = "cgne"
     needs_rmatvec = True
     options = {"eta": 0.0}
-
-    def check_options(self, options: dict) -> dict:
-        out = super().check_options(options)
-        eta = out["eta"]
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not eta >= 0:
-            raise ValueError(f"eta must be a non-negative real number, got {eta!r}")
-        out["eta"] = float(eta)
-        return out
+    option_kinds = {"eta": "nonnegative"}
 
     def run(self, prob: Problem):
         xp = prob.xp

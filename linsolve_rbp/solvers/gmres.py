@@ -11,8 +11,6 @@ the Gram-Schmidt orthogonalization process", Comput. Math. Appl. 50, 2005.
 
 from __future__ import annotations
 
-import numbers
-
 from ._base import BREAKDOWN, Problem, Solver, norm
 from ._checked import CheckedMonitor
 
@@ -100,13 +98,7 @@ class GMRES(Solver):
     name = "gmres"
     accepts_preconditioner = True
     options = {"restart": 20}
-
-    def check_options(self, options: dict) -> dict:
-        out = super().check_options(options)
-        m = out["restart"]
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-            raise ValueError(f"restart must be a positive integer, got {m!r}")
-        return out
+    option_kinds = {"restart": "positive_int"}
 
     @staticmethod
     def _form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve):

@@ -15,8 +15,6 @@ and sparse least squares", ACM Trans. Math. Softw. 8(1), 43-71, 1982.
 
 from __future__ import annotations
 
-import numbers
-
 from ._base import CONVERGED, Monitor, Problem, Solver, norm
 from ._krylov import any_active, column, safe_div, scalars
 
@@ -80,14 +78,7 @@ class LSQR(Solver):
     needs_rmatvec = True
     needs_square = False
     options = {"damp": 0.0}
-
-    def check_options(self, options: dict) -> dict:
-        out = super().check_options(options)
-        damp = out["damp"]
-        if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not damp >= 0:
-            raise ValueError(f"damp must be a non-negative real number, got {damp!r}")
-        out["damp"] = float(damp)
-        return out
+    option_kinds = {"damp": "nonnegative"}
 
     def run(self, prob: Problem):
         xp = prob.xp
