@@ -134,6 +134,8 @@ def solve(
         products with ``A``; ``lsqr`` for rectangular ones).
     x0 : array, optional
         Initial guess, same shape, backend, device and dtype as the solution. Default zero.
+        A system whose right-hand side is zero starts from zero, its solution, whatever
+        ``x0`` says (as scipy's solvers do), except in fixed-budget mode.
     rtol, atol : float or None
         Stop when ``||b - A x|| <= max(rtol * ||b||, atol)`` (scipy's test). With both None the
         solve runs exactly ``maxiter`` iterations (fixed-budget mode, as RBP and Neumann-RBP in
@@ -238,6 +240,12 @@ def solve(
     batched = batch_dims == 1
     B = b if batched else b[None, ...]
     X0 = None if x0 is None else (x0 if batched else x0[None, ...])
+    if X0 is not None and not (rtol is None and atol is None):
+        # As scipy does: x = 0 solves a system whose right-hand side is zero, and is what a
+        # zero threshold max(rtol * 0, atol) can be met by; start such systems there.
+        zero_b = xp.linalg.vector_norm(B, axis=-1) == 0
+        if bool(xp.any(zero_b)):  # only then: x0 is otherwise passed on as given, not copied
+            X0 = xp.where(zero_b[:, None], xp.zeros_like(X0), X0)
     prob = Problem(
         xp=xp, A=A,
         mv=_batched_product(A._mv, batched),

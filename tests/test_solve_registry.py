@@ -725,3 +725,22 @@ def test_property_random_well_conditioned_systems(method, seed, n):
     assert res.status is lr.Status.CONVERGED, res.message
     np.testing.assert_allclose(res.x, np.linalg.solve(A, b), rtol=0, atol=1e-8 * np.linalg.norm(np.linalg.solve(A, b)) * 10)
     assert np.linalg.norm(b - A @ res.x) <= 1e-10 * np.linalg.norm(b) * 3
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "neumann", "cg", "cgne", "gmres", "bicgstab", "lsqr", "minres"])
+def test_zero_rhs_with_nonzero_x0_converges_to_zero(method):
+    """A zero right-hand side is solved by x = 0 whatever x0 is (scipy returns zeros too)."""
+    n = 6
+    A = 3.0 * np.eye(n) + np.diag(np.ones(n - 1), 1) * 0.1
+    A = (A + A.T) / 2
+    if method in ("fixed_point", "neumann"):
+        A = np.eye(n) - 0.3 * (A - 3.0 * np.eye(n))
+    b = np.zeros((2, n))
+    b[1, 0] = 1.0
+    x0 = np.ones((2, n))
+    res = lr.solve(A, b, method=method, x0=x0, rtol=1e-10, batch_dims=1)
+    assert res.statuses[0] == lr.Status.CONVERGED
+    assert np.all(res.x[0] == 0)
+    assert res.success
+    assert np.allclose(A @ res.x[1], b[1], atol=1e-8)
+    assert np.all(x0 == 1)
