@@ -24,6 +24,12 @@ class Status(enum.Enum):
         "completed the fixed budget of maxiter iterations (rtol=None, atol=None); "
         "the residual reached is reported but no tolerance was asked"
     )
+    LEAST_SQUARES = (
+        "least-squares solution: x minimises ||b - A x|| but does not solve the system (the "
+        "residual misses max(rtol * ||b||, atol)); b is not in the range of A, or A is too ill "
+        "conditioned for the tolerance. Pass least_squares=True if a least-squares solution is "
+        "what you want, or loosen rtol/atol"
+    )
     MAX_ITERATIONS = (
         "maximum number of iterations reached before the tolerance was met; raise maxiter, "
         "loosen rtol/atol, use a preconditioner, or try another method"
@@ -44,7 +50,9 @@ class Status(enum.Enum):
 
     @property
     def success(self) -> bool:
-        """CONVERGED, or COMPLETED in fixed-budget mode."""
+        """CONVERGED, or COMPLETED in fixed-budget mode. (LEAST_SQUARES is a success only
+        for a solve that asked for a least-squares solution; :attr:`SolveResult.success`
+        says so.)"""
         return self in (Status.CONVERGED, Status.COMPLETED)
 
     @property
@@ -61,10 +69,11 @@ class Status(enum.Enum):
 _CODES = {
     Status.CONVERGED: 0,
     Status.COMPLETED: 1,
-    Status.MAX_ITERATIONS: 2,
-    Status.BREAKDOWN: 3,
-    Status.DIVERGED: 4,
-    Status.NONFINITE: 5,
+    Status.LEAST_SQUARES: 2,
+    Status.MAX_ITERATIONS: 3,
+    Status.BREAKDOWN: 4,
+    Status.DIVERGED: 5,
+    Status.NONFINITE: 6,
 }
 _FROM_CODE = {v: k for k, v in _CODES.items()}
 

@@ -274,7 +274,8 @@ def _to_result(out, prob: Problem, method: str, matvecs: int, rmatvecs: int) -> 
     rnorm = _host(out.residual_norm).astype(float)
     history = np.stack([_host(h).astype(float) for h in out.history]) if out.history else np.zeros((0, len(codes)))
     converged = codes == Status.CONVERGED.code
-    success = bool(all(s.success for s in statuses))
+    ok_ls = getattr(out, "accept_least_squares", False)
+    success = bool(all(s.success or (ok_ls and s is Status.LEAST_SQUARES) for s in statuses))
     x = out.x if prob.batched else out.x[0, ...]
     if prob.batched:
         counts = {}

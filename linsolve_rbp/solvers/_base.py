@@ -25,6 +25,7 @@ MAX_ITERATIONS = Status.MAX_ITERATIONS.code
 BREAKDOWN = Status.BREAKDOWN.code
 DIVERGED = Status.DIVERGED.code
 NONFINITE = Status.NONFINITE.code
+LEAST_SQUARES = Status.LEAST_SQUARES.code
 
 
 def dot(xp, u, v):
@@ -128,6 +129,8 @@ class Outcome:
     residual_norm: Any
     history: list
     info: dict = field(default_factory=dict)
+    #: LEAST_SQUARES counts as a success (the user asked for a least-squares solution).
+    accept_least_squares: bool = False
 
 
 class Monitor:
@@ -316,6 +319,11 @@ class Solver:
         The method solves square systems only.
     accepts_preconditioner : bool
         ``M`` may be given.
+    batched_products : bool
+        With ``batch_dims=1`` the method hands the operator ``(B, n)`` arrays, one row per
+        system, as :func:`linsolve_rbp.solve` promises. False for methods that solve the
+        systems one at a time with ``(n,)`` vectors (the scipy bridges), which therefore
+        cannot serve operators whose products are per system.
     options : dict
         Method-specific keyword options and their defaults.
     option_kinds : dict
@@ -328,6 +336,7 @@ class Solver:
     needs_symmetric = False
     needs_square = True
     accepts_preconditioner = False
+    batched_products = True
     options: dict = {}
     #: How ``check_options`` validates an option: ``"nonnegative"`` (a real >= 0, as float)
     #: or ``"positive_int"``.

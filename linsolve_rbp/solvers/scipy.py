@@ -192,6 +192,7 @@ class ScipyBridge(Solver):
     least_squares = False
     limit_keyword = "maxiter"
     accepts_preconditioner = True
+    batched_products = False
     # scipy calls the callback with x0 before the first iteration (lgmres, gcrotmk).
     callback_sees_x0 = False
     # scipy may return an iterate without calling the callback on it.
