@@ -66,9 +66,15 @@ def test_lsqr_overdetermined_matches_lstsq(backend, kind, dtype):
     A, b = least_squares_problem(40, 25, seed=3, dtype=dtype)
     rtol = RTOL[dtype]
     bb = to_backend(b, backend)
-    res = lr.solve(make_operator(kind, A, backend), bb, method="lsqr", rtol=rtol)
-    # Inconsistent: only the least-squares test can stop it, and the result says so.
-    assert res.status is lr.Status.CONVERGED and res.info["least_squares"] is True
+    op = make_operator(kind, A, backend)
+    res = lr.solve(op, bb, method="lsqr", rtol=rtol, least_squares=True)
+    # Inconsistent: only the least-squares test can stop it, and the result says so; it is
+    # a success because a least-squares solution was asked for.
+    assert res.status is lr.Status.LEAST_SQUARES and res.info["least_squares"] is True
+    assert res.success and not res.converged
+    # Not asked for: the same x is no success.
+    plain = lr.solve(op, bb, method="lsqr", rtol=rtol)
+    assert plain.status is lr.Status.LEAST_SQUARES and not plain.success
     assert res.x.shape == (25,) and type(res.x) is type(bb) and res.x.dtype == bb.dtype
     A64, b64 = A.astype(np.float64), b.astype(np.float64)
     x = to_numpy(res.x).astype(np.float64)
@@ -93,8 +99,9 @@ def test_lsqr_underdetermined_gives_minimum_norm_solution():
 def test_lsqr_damp_matches_augmented_lstsq(shape):
     A, b = least_squares_problem(*shape, seed=5)
     damp = 0.7
-    res = lr.solve(A, b, method="lsqr", rtol=1e-10, damp=damp)
-    assert res.converged
+    res = lr.solve(A, b, method="lsqr", rtol=1e-10, damp=damp, least_squares=True)
+    # The damped solution does not solve A x = b.
+    assert res.status is lr.Status.LEAST_SQUARES and res.success
     n = shape[1]
     augmented = np.vstack([A, damp * np.eye(n)])
     ref = np.linalg.lstsq(augmented, np.concatenate([b, np.zeros(n)]), rcond=None)[0]
@@ -127,7 +134,8 @@ def test_cgne_is_cg_rbp_on_the_adjoint_operator(backend):
     res = lr.solve(A, b, method="cgne", rtol=1e-8)
     assert res.converged
     np.testing.assert_allclose(to_numpy(res.x), np.linalg.solve(np.eye(n) - J.T, b_np), rtol=1e-6)
-    assert res.matvecs == res.rmatvecs == res.iterations > 0
+    # One VJP and one JVP per iteration, and one more product to check the claim.
+    assert res.rmatvecs == res.iterations > 0 and res.matvecs == res.iterations + 1
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -160,8 +168,9 @@ def test_batched_systems_are_independent(method):
 def test_lsqr_batched_least_squares_flag_is_per_system():
     A, b = least_squares_problem(40, 25, seed=12)
     B = np.stack([A @ np.ones(25), b])           # consistent, then inconsistent
-    res = lr.solve(A, B, method="lsqr", rtol=1e-8, batch_dims=1)
-    assert res.converged.all()
+    res = lr.solve(A, B, method="lsqr", rtol=1e-8, batch_dims=1, least_squares=True)
+    assert res.statuses == (lr.Status.CONVERGED, lr.Status.LEAST_SQUARES) and res.success
+    assert res.converged.tolist() == [True, False]
     assert to_numpy(res.info["least_squares"]).tolist() == [False, True]
     np.testing.assert_allclose(res.x[0], np.ones(25), rtol=1e-6)
     np.testing.assert_allclose(res.x[1], np.linalg.lstsq(A, b, rcond=None)[0], rtol=1e-5)
@@ -214,7 +223,7 @@ def test_singular_inconsistent_system_cgne_breaks_down_lsqr_finds_least_squares(
     assert np.all(np.isfinite(res.x))
     np.testing.assert_allclose(res.x[0], [1.0, 0.5, 0.0], atol=1e-12)
     res = lr.solve(A, B, method="lsqr", rtol=1e-10, batch_dims=1)
-    assert res.statuses == (lr.Status.CONVERGED, lr.Status.CONVERGED)
+    assert res.statuses == (lr.Status.CONVERGED, lr.Status.LEAST_SQUARES) and not res.success
     assert res.info["least_squares"].tolist() == [False, True]
     np.testing.assert_allclose(res.x, [[1.0, 0.5, 0.0], [0.0, 0.0, 0.0]], atol=1e-12)
 
@@ -241,7 +250,7 @@ def test_cgne_rejects_rectangular_operator_lsqr_does_not():
     A, b = least_squares_problem(6, 4, seed=17)
     with pytest.raises(ValueError, match="square"):
         lr.solve(A, b, method="cgne")
-    assert lr.solve(A, b, method="lsqr").converged
+    assert lr.solve(A, b, method="lsqr", least_squares=True).success
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -274,9 +283,10 @@ def test_lsqr_iteration_counts_match_scipy(case):
     else:
         A, b = least_squares_problem(200, 60, seed=20)
         atol = rtol
-    ours = lr.solve(A, b, method="lsqr", rtol=rtol, maxiter=5000)
+    ours = lr.solve(A, b, method="lsqr", rtol=rtol, maxiter=5000, least_squares=atol > 0)
     theirs = sla.lsqr(A, b, atol=atol, btol=rtol, conlim=0, iter_lim=5000)
-    assert ours.converged and theirs[1] == (1 if atol == 0 else 2)
+    assert ours.success and theirs[1] == (1 if atol == 0 else 2)
+    assert ours.converged is (atol == 0)
     assert ours.info["least_squares"] is (atol > 0)
     assert abs(ours.iterations - theirs[2]) <= max(1, math.ceil(0.05 * theirs[2]))
     np.testing.assert_allclose(ours.x, theirs[0], rtol=1e-5, atol=1e-8)

@@ -10,13 +10,20 @@ from ``prob.xp``, never from numpy, torch or cupy. They never write into ``prob.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
+from .. import backend as _b
 from .._result import Status
 
-__all__ = ["Problem", "Monitor", "Outcome", "Solver", "dot", "norm", "RUNNING"]
+__all__ = [
+    "Problem", "Monitor", "Outcome", "Solver", "dot", "norm", "run_scaled", "verified_rounds",
+    "RUNNING",
+]
 
 RUNNING = -1
 CONVERGED = Status.CONVERGED.code
@@ -88,6 +95,8 @@ class Problem:
     dtype: Any = None
     real_dtype: Any = None
     device: Any = None
+    #: ``(B,)`` powers of two the systems were divided by (see :func:`run_scaled`), or None.
+    scale: Any = None
 
     @property
     def fixed_budget(self) -> bool:
@@ -115,8 +124,10 @@ class Problem:
         xp = self.xp
         bnorm = norm(xp, self.b)
         rtol = 0.0 if self.rtol is None else self.rtol
-        atol = 0.0 if self.atol is None else self.atol
-        return xp.maximum(rtol * bnorm, xp.asarray(atol, dtype=bnorm.dtype, device=self.device))
+        atol = xp.asarray(0.0 if self.atol is None else self.atol, dtype=bnorm.dtype, device=self.device)
+        if self.scale is not None:
+            atol = atol / self.scale
+        return xp.maximum(rtol * bnorm, atol)
 
 
 @dataclass
@@ -131,15 +142,25 @@ class Outcome:
     info: dict = field(default_factory=dict)
     #: LEAST_SQUARES counts as a success (the user asked for a least-squares solution).
     accept_least_squares: bool = False
+    #: A sentence added to the result's message (for example: the terms of a fixed budget
+    #: grew).
+    note: str = ""
 
 
 class Monitor:
     """Per-system bookkeeping of a solve: stopping, divergence and non-finite tests, residual
-    history, best iterate, callback, and how often the host is synchronised.
+    history, best iterate, callback, how often the host is synchronised, and the check of
+    every convergence claim against the true residual.
 
-    A solver calls :meth:`update` once per iteration with the residual norms ``(B,)`` (and the
-    iterate, where it has one) and stops when it returns True or after ``maxiter`` iterations;
-    it keeps systems whose ``active`` flag is False unchanged. It ends with :meth:`finish`.
+    A solver calls :meth:`update` once per iteration with its residual norms ``(B,)`` (and
+    the iterate, where it has one) and stops when it returns True or after ``maxiter``
+    iterations; it keeps systems whose ``active`` flag is False unchanged. The norms given to
+    :meth:`update` may be estimates (a recurrence, a rotated right-hand side, the newest
+    Neumann term); ``threshold`` is the test applied to them. ``target`` keeps the user's
+    ``max(rtol ||b||, atol)``, which only the true residual ``||b - A x||`` can meet: in
+    tolerance mode a solver ends every round of iterations with :meth:`verify` (one product),
+    which withdraws claims the true residual does not back and reopens those systems, and
+    it ends the solve with :meth:`finish`.
     """
 
     def __init__(self, prob: Problem, r0norm, x0=None):
@@ -148,18 +169,29 @@ class Monitor:
         self.k = 0
         self._dirty = False
         self.threshold = prob.thresholds()
+        self.target = self._threshold
         self.r0 = r0norm
         self.history = [r0norm]
+        self.note = ""
         B = prob.nsys
         self.codes = xp.full((B,), RUNNING, dtype=xp.int64, device=prob.device)
         self.active = xp.ones((B,), dtype=xp.bool, device=prob.device)
-        self.best_r = xp.where(xp.isfinite(r0norm), r0norm, xp.asarray(float("inf"), dtype=r0norm.dtype, device=prob.device))
+        inf = xp.asarray(float("inf"), dtype=r0norm.dtype, device=prob.device)
+        self._inf = inf
+        # The best iterate by the residuals given to update (estimates for most methods).
+        self.best_r = xp.where(xp.isfinite(r0norm), r0norm, inf)
         # Copies: solvers may update their iterate in place (neumann accumulates its sum).
         self.best_x = None if x0 is None else xp.asarray(x0, copy=True)
+        # The best iterate by true residuals (x0, whose residual r0norm is true, and every
+        # iterate passed to check): what a failed solve falls back to.
+        self.ver_r = self.best_r
+        self.ver_x = self.best_x
+        self._verified = False
         # The status codes as device arrays, made once.
         self._code = {
             c: xp.asarray(c, dtype=xp.int64, device=prob.device)
-            for c in (RUNNING, CONVERGED, COMPLETED, MAX_ITERATIONS, BREAKDOWN, DIVERGED, NONFINITE)
+            for c in (RUNNING, CONVERGED, COMPLETED, LEAST_SQUARES, MAX_ITERATIONS, BREAKDOWN,
+                      DIVERGED, NONFINITE)
         }
         # The divergence limit, kept finite so that ``r <= limit`` also rejects inf and NaN.
         self._divlim = None
@@ -274,31 +306,120 @@ class Monitor:
             return bool(self.active[0])
         return bool(self.xp.any(self.active))
 
+    # -- claims against the true residual -----------------------------------------------------
+    def check(self, x, rtrue):
+        """Judge the iterate ``x`` by its true residual norms ``rtrue = ||b - A x||``.
+
+        Records ``x`` as the best verified iterate where it is; marks running systems whose
+        true residual is not finite NONFINITE; in tolerance mode, marks CONVERGED every system
+        whose true residual meets ``target`` (whatever its estimate said), marks DIVERGED the
+        running or claimed systems whose true residual is past the divergence limit, and
+        reopens (sets running again) the systems that claimed CONVERGED on an estimate the
+        true residual does not back.
+
+        Returns
+        -------
+        array of bool, shape (B,), or None
+            The reopened systems; None in fixed-budget mode (there is no target).
+        """
+        xp = self.xp
+        self._verified = True
+        fin = xp.isfinite(rtrue)
+        better = fin & (rtrue <= self.ver_r)
+        self.ver_r = xp.where(better, rtrue, self.ver_r)
+        if self.ver_x is None:
+            self.ver_x = xp.asarray(x, copy=True)
+        else:
+            self.ver_x = xp.where(better[:, None], x, self.ver_x)
+        self._set(self.active & ~fin, NONFINITE)
+        if self.target is None:
+            return None
+        ok = fin & (rtrue <= self.target)
+        codes = self.codes
+        reopen = (codes == CONVERGED) & ~ok
+        if self._divlim is not None:
+            div = (self.active | reopen) & fin & ~ok & (rtrue > self._divlim)
+            reopen = reopen & ~div
+            self._codes = xp.where(div, self._code[DIVERGED], self._codes)
+            self.active = self.active & ~div
+        self._codes = xp.where(ok, self._code[CONVERGED], xp.where(reopen, self._code[RUNNING], self._codes))
+        self.active = (self.active | reopen) & ~ok
+        return reopen
+
+    def verify(self, x):
+        """Compute the true residual of ``x`` (one product) and :meth:`check` it.
+
+        Returns
+        -------
+        r, rtrue, reopened
+            ``b - A x``, its norms, and the reopened systems (None in fixed-budget mode).
+        """
+        prob = self.prob
+        r = prob.b - prob.mv(x)
+        rtrue = norm(self.xp, r)
+        return r, rtrue, self.check(x, rtrue)
+
+    def tighten(self, reopened, rtrue, factor: float = 0.5):
+        """Ask the estimate of reopened systems to go as far below the target as their true
+        residual was above it (times ``factor``), so that the next claim is more likely to be
+        backed by the true residual."""
+        xp = self.xp
+        safe = xp.where(rtrue > 0, rtrue, xp.ones_like(rtrue))
+        tighter = self._threshold * xp.minimum(self.target / safe, xp.ones_like(safe)) * factor
+        self.threshold = xp.where(reopened, tighter, self._threshold)
+
     def finish(self, x, rnorm=None, info=None) -> Outcome:
-        """Close the solve: statuses of systems still running, best iterates where the
-        iteration diverged or became non-finite."""
+        """Close the solve: statuses of systems still running, and the iterate returned where
+        the iteration failed.
+
+        A system that diverged or became non-finite gets its best finite iterate; after
+        :meth:`check` has been used, "best" means smallest true residual (the iterate with
+        the smallest estimate is verified with one product and taken when it is better), and
+        a system that ran out of iterations with a true residual worse than its best verified
+        iterate's gets that iterate."""
         xp = self.xp
         prob = self.prob
         if rnorm is None:
             rnorm = self.history[-1]
         running = self.codes == RUNNING
         if prob.fixed_budget:
-            # A fixed budget is a success unless the residual grew over the run.
             grew = running & xp.isfinite(rnorm) & (rnorm > self.r0) & (self.r0 > 0)
-            self.codes = xp.where(grew, self._code[DIVERGED], self.codes)
-            running = self.codes == RUNNING
+            if prob.divtol is not None:
+                # A fixed budget is a success unless the residual grew over the run.
+                self.codes = xp.where(grew, self._code[DIVERGED], self.codes)
+                running = self.codes == RUNNING
+            elif bool(xp.any(grew)):
+                self.note = (
+                    "the residual grew over the budget (from {:.3e} to {:.3e}, largest over the "
+                    "systems): the iteration is not contracting, and x is the last iterate, as "
+                    "divtol=None asks".format(float(xp.max(self.r0)), float(xp.max(xp.where(grew, rnorm, xp.zeros_like(rnorm)))))
+                )
             self.codes = xp.where(running, self._code[COMPLETED], self.codes)
         else:
             self.codes = xp.where(running, self._code[MAX_ITERATIONS], self.codes)
-        bad = (self.codes == DIVERGED) | (self.codes == NONFINITE)
+        codes = self.codes
+        bad = (codes == DIVERGED) | (codes == NONFINITE)
         bad = bad | ~xp.all(xp.isfinite(x), axis=-1)
-        if self.best_x is not None:
+        if self._verified:
+            fin_r = xp.where(xp.isfinite(rnorm), rnorm, self._inf)
+            worse = (codes == MAX_ITERATIONS) & (fin_r > self.ver_r)
+            back = bad | worse
+            if self.best_x is not None and bool(xp.any(back)):
+                # The iterate with the smallest estimate may be better than any verified one.
+                rb = norm(xp, prob.b - prob.mv(self.best_x))
+                take = back & xp.isfinite(rb) & (rb < self.ver_r) & xp.all(xp.isfinite(self.best_x), axis=-1)
+                self.ver_r = xp.where(take, rb, self.ver_r)
+                self.ver_x = xp.where(take[:, None], self.best_x, self.ver_x)
+            if self.ver_x is not None:
+                x = xp.where(back[:, None], self.ver_x, x)
+                rnorm = xp.where(back, self.ver_r, rnorm)
+        elif self.best_x is not None:
             x = xp.where(bad[:, None], self.best_x, x)
             rnorm = xp.where(bad, self.best_r, rnorm)
         # Anything still non-finite (no finite iterate was ever seen) is zeroed, never NaN.
         x = xp.where(xp.isfinite(x), x, xp.zeros_like(x))
         return Outcome(x=x, codes=self.codes, iterations=self.k, residual_norm=rnorm,
-                       history=self.history, info=info or {})
+                       history=self.history, info=info or {}, note=self.note)
 
 
 class Solver:
@@ -327,8 +448,9 @@ class Solver:
     options : dict
         Method-specific keyword options and their defaults.
     option_kinds : dict
-        Option name -> ``"nonnegative"`` or ``"positive_int"``, validated by
-        :meth:`check_options`.
+        Option name -> its kind: ``"nonnegative"`` (a real >= 0), ``"nonnegative_or_none"``,
+        ``"positive_int"``, ``"nonnegative_int"``, ``"positive_int_or_none"``, ``"bool"``, or
+        a tuple of the allowed values; validated by :meth:`check_options`.
     """
 
     name = "?"
@@ -338,8 +460,7 @@ class Solver:
     accepts_preconditioner = False
     batched_products = True
     options: dict = {}
-    #: How ``check_options`` validates an option: ``"nonnegative"`` (a real >= 0, as float)
-    #: or ``"positive_int"``.
+    #: How ``check_options`` validates an option (see the class docstring).
     option_kinds: dict = {}
 
     def default_maxiter(self, n: int) -> int:
@@ -347,26 +468,121 @@ class Solver:
         return max(1, min(10 * n, 10_000))
 
     def check_options(self, options: dict) -> dict:
-        unknown = sorted(set(options) - set(self.options))
+        """Validate this method's own options and fill in the defaults.
+
+        Parameters
+        ----------
+        options : dict
+            Method-specific options only (the common ones, ``rtol`` ..., are validated by
+            :func:`linsolve_rbp.solve.check_options`).
+
+        Returns
+        -------
+        dict
+            Every option of :attr:`options`, given or default, each validated by its kind in
+            :attr:`option_kinds` (``"nonnegative"``, ``"nonnegative_or_none"``,
+            ``"positive_int"``, ``"nonnegative_int"``, ``"positive_int_or_none"``,
+            ``"bool"``, or a tuple of allowed values) and normalised.
+
+        Raises
+        ------
+        TypeError
+            For an unknown option: the message lists every accepted option, common and
+            method-specific, and suggests the closest name.
+        ValueError
+            For a value of the wrong kind, naming the option.
+        """
+        from .._validate import COMMON_OPTIONS, _unknown, check_kind
+
+        unknown = [k for k in options if k not in self.options]
         if unknown:
-            accepted = ", ".join(sorted(self.options)) or "none"
-            raise TypeError(
-                f"method {self.name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                f"it accepts: {accepted}"
-            )
+            raise _unknown(self.name, unknown, set(self.options) | set(COMMON_OPTIONS))
         out = dict(self.options)
         out.update(options)
         for name, kind in self.option_kinds.items():
-            value = out[name]
-            if kind == "nonnegative":
-                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-                    raise ValueError(f"{name} must be a non-negative real number, got {value!r}")
-                out[name] = float(value)
-            elif kind == "positive_int":
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-                out[name] = int(value)
+            if name in out:
+                out[name] = check_kind(out[name], name, kind)
         return out
 
     def run(self, prob: Problem) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def verified_rounds(prob: Problem, mon: Monitor, x, r, rnorm, iterate):
+    """Run a method in rounds, each ended by a check of its claims against the true residual.
+
+    ``iterate(x, r, rnorm) -> (x, rnorm)`` runs the method's recurrence from the iterate
+    ``x`` with true residual ``r`` (norms ``rnorm``) until the monitor stops every system or
+    ``maxiter`` is reached. In tolerance mode each round that ran at least one iteration is
+    followed by one product, ``b - A x``, which :meth:`Monitor.check` judges: systems whose
+    claim the true residual does not back are reopened, with a tighter internal threshold,
+    and the next round restarts the recurrence from their true residual (residual
+    replacement). In fixed-budget mode there is no claim to check and one round runs.
+
+    Returns
+    -------
+    x, rnorm
+        The last iterate and its residual norms: true residuals in tolerance mode.
+    """
+    while True:
+        k = mon.k
+        if k < prob.maxiter and mon.any_active():
+            x, rnorm = iterate(x, r, rnorm)
+        if prob.fixed_budget or mon.k == k:
+            # No iteration ran: the statuses rest on the residual of x0, which is true.
+            return x, rnorm
+        r, rnorm, reopened = mon.verify(x)
+        if mon.k >= prob.maxiter or not mon.any_active():
+            return x, rnorm
+        mon.tighten(reopened, rnorm)
+
+
+def run_scaled(solver: Solver, prob: Problem) -> Outcome:
+    """Run ``solver`` on ``prob`` with each system divided by a power of two near the largest
+    magnitude of its right-hand side, and scale the outcome back.
+
+    Linear systems are homogeneous: ``A (x / s) = b / s``. Dividing by ``s = 2^e`` is exact
+    in binary floating point, so a right-hand side of 1e-300 or 1e300 (1e-30 or 1e30 in
+    float32) runs the very same arithmetic as one of norm about 1: no norm, inner product or
+    threshold overflows or underflows because of the scale of ``b``, and statuses and
+    iteration counts do not depend on it. ``atol`` is divided by the same ``s`` (see
+    :meth:`Problem.thresholds`); the callback, the history, ``x`` and the residual norms are
+    scaled back, so nothing outside the solver sees the scaling.
+    """
+    xp = prob.xp
+    if prob.nsys == 0:
+        return solver.run(prob)
+    mag = xp.max(xp.abs(prob.b), axis=-1)
+    usable = xp.isfinite(mag) & (mag > 0)
+    one = xp.ones_like(mag)
+    s = 2.0 ** xp.floor(xp.log2(xp.where(usable, mag, one)))
+    s_host = np.asarray(_b.to_numpy(s), dtype=float)
+    if bool(np.all(s_host == 1.0)):
+        return solver.run(prob)
+    col = s[:, None]
+    cb = prob.callback
+    if cb is not None:
+        sc, sr = (col, s) if prob.batched else (s[0], s[0])
+
+        def callback(k, x, r):
+            cb(k, None if x is None else x * sc, r * sr)
+    else:
+        callback = None
+    scaled = dataclasses.replace(
+        prob,
+        b=prob.b / col,
+        x0=None if prob.x0 is None else prob.x0 / col,
+        callback=callback,
+        scale=s,
+    )
+    out = solver.run(scaled)
+
+    def back(a):
+        if isinstance(a, np.ndarray) or np.isscalar(a):
+            return np.asarray(a) * s_host
+        return a * s
+
+    out.x = out.x * col
+    out.residual_norm = back(out.residual_norm)
+    out.history = [back(h) for h in out.history]
+    return out

@@ -9,8 +9,7 @@ the solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 13(2), 
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Problem, Solver, dot, norm
-from ._checked import CheckedMonitor
+from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm
 
 __all__ = ["BiCGStab"]
 
@@ -79,7 +78,7 @@ class BiCGStab(Solver):
         x = prob.initial_x()
         r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
         rnorm = norm(xp, r)
-        mon = CheckedMonitor(prob, rnorm, x0=x)
+        mon = Monitor(prob, rnorm, x0=x)
         rtrue = rnorm
         restarts = 0
         while mon.k < prob.maxiter and bool(xp.any(mon.active)):
@@ -131,7 +130,6 @@ class BiCGStab(Solver):
             if reopened is not None:
                 # Ask the recursive residual to go as far below the tolerance as the true
                 # residual was above it.
-                ratio = mon.target / xp.where(rtrue > 0, rtrue, xp.ones_like(rtrue))
-                mon.threshold = xp.where(reopened, mon.threshold * ratio, mon.threshold)
+                mon.tighten(reopened, rtrue, factor=1.0)
             restarts += 1
         return mon.finish(x, rtrue, info={"restarts": max(restarts - 1, 0)})

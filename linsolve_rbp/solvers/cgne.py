@@ -17,7 +17,7 @@ Back-Propagation", ICML 2018 (CG-RBP).
 
 from __future__ import annotations
 
-from ._base import Monitor, Problem, Solver, norm
+from ._base import Monitor, Problem, Solver, norm, verified_rounds
 from .cg import conjugate_gradients
 
 __all__ = ["CGNE"]
@@ -31,15 +31,18 @@ class CGNE(Solver):
     ``(I - J)(I - J^T) z = (I - J) b``.
 
     Needs
-        Products with ``A`` and ``A^H``: exactly one of each per iteration from ``x0 = 0``
-        (one more ``A`` product to form ``b - A x0`` otherwise). Any nonsingular ``A``.
+        Products with ``A`` and ``A^H``: one of each per iteration, plus one ``A`` product
+        for the true residual at the end of each round (and one to form ``b - A x0`` when
+        ``x0`` is given). Any nonsingular ``A``.
     Converges
         Like CG on ``A^H A``, whose condition number is the square of ``A``'s; in at most
         ``n`` iterations in exact arithmetic. Slower than ``gmres`` or ``lsqr`` when ``A`` is
         ill conditioned, but with short recurrences and fixed memory.
     Stops
         When the residual of the user's system, ``r = b - A x`` (kept by recurrence), meets
-        ``max(rtol ||b||, atol)``; after ``maxiter`` iterations (COMPLETED in fixed-budget
+        ``max(rtol ||b||, atol)`` and then the true residual (one product) meets it too;
+        otherwise the iteration restarts from the true residual with a tighter internal
+        tolerance. After ``maxiter`` iterations (COMPLETED in fixed-budget
         mode); BREAKDOWN when ``A^H r - eta x = 0`` or ``A p = 0`` while ``r != 0``
         (singular ``A`` and ``b`` outside its range); DIVERGED / NONFINITE as for every
         method. On any early exit ``x`` is the current (most recent) iterate.
@@ -70,7 +73,7 @@ class CGNE(Solver):
     >>> A = np.array([[2.0, 1.0], [0.0, 3.0]])
     >>> res = lr.solve(A, np.array([1.0, 2.0]), method="cgne", rtol=1e-10)
     >>> res.status.name, res.matvecs, res.rmatvecs, np.allclose(A @ res.x, [1.0, 2.0])
-    ('CONVERGED', 2, 2, True)
+    ('CONVERGED', 3, 2, True)
     """
 
     name = "cgne"
@@ -99,5 +102,8 @@ class CGNE(Solver):
                 c = c + eta * norm(xp, p) ** 2
             return c
 
-        x, rnorm = conjugate_gradients(prob, mon, x, r, seed, curvature)
+        def iterate(x, r, rnorm):
+            return conjugate_gradients(prob, mon, x, r, rnorm, seed, curvature)
+
+        x, rnorm = verified_rounds(prob, mon, x, r, mon.history[0], iterate)
         return mon.finish(x, rnorm)

@@ -11,8 +11,7 @@ the Gram-Schmidt orthogonalization process", Comput. Math. Appl. 50, 2005.
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Problem, Solver, norm
-from ._checked import CheckedMonitor
+from ._base import BREAKDOWN, Monitor, Problem, Solver, norm
 
 __all__ = ["GMRES"]
 
@@ -62,8 +61,12 @@ class GMRES(Solver):
         it meets the tolerance too does the system count as CONVERGED, otherwise it restarts
         with a tighter internal tolerance (scipy's adaptive inner tolerance). A lucky
         breakdown (``h_{k+1,k} = 0``: the Krylov space is invariant and ``x`` exact) converges;
-        a pivot of the triangular factor that vanishes to working precision (``A`` singular
-        on the Krylov space) is BREAKDOWN. ``maxiter`` counts Arnoldi steps, i.e. the products with ``A`` apart from
+        a pivot of the triangular factor below ``10 sqrt(m) eps`` times the largest
+        ``||A M v_j||`` seen (``A`` singular on the Krylov space, to working precision) is
+        BREAKDOWN, and so is a cycle whose ``x`` has a true residual more than 10 times the
+        one the cycle started from (its small least-squares problem was numerically
+        singular): that system keeps the ``x`` it had before the cycle. A singular,
+        inconsistent system therefore ends BREAKDOWN with an ``x`` no worse than ``x0``. ``maxiter`` counts Arnoldi steps, i.e. the products with ``A`` apart from
         the one per cycle (scipy's ``gmres`` counts restart cycles instead); reaching it gives
         MAX_ITERATIONS, or COMPLETED in fixed-budget mode, which runs exactly ``maxiter``
         steps. The reported ``residual_norm`` is the true one; ``residual_history`` holds the
@@ -141,7 +144,7 @@ class GMRES(Solver):
         x = prob.initial_x()
         r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
         beta = norm(xp, r)
-        mon = CheckedMonitor(prob, beta, x0=x)
+        mon = Monitor(prob, beta, x0=x)
         target = mon.target
         ones_r = xp.ones((B,), dtype=rdtype, device=dev)
         zeros_r = xp.zeros((B,), dtype=rdtype, device=dev)
@@ -165,21 +168,32 @@ class GMRES(Solver):
         mv, psolve, callback = prob.mv, prob.psolve, prob.callback
         rtrue = beta
         cycles = 0
+        # Largest ||A M v|| seen per system: an estimate of ||A M|| against which a pivot of
+        # the triangular factor counts as zero (relative to ||A M v_j|| alone, a pivot is
+        # never small exactly where A is singular, since A v_j is small there too).
+        anorm = zeros_r
+        piv_tol = 10.0 * eps * (m ** 0.5)
         while mon.k < prob.maxiter and mon.any_active():
             cycles += 1
+            x_start, r_start = x, r
             live = mon.active & (beta > 0)
+            started = live
             safe = xp.where(beta > 0, beta, ones_r)
             V[:, 0, :] = xp.where(live[:, None], r / safe[:, None], zero)
             q = xp.asarray(e0, copy=True)
             gcur = xp.astype(beta, dtype)
             cs, sn, lives = [], [], []
             est = beta
+            xcb = x
             for j in range(m):
                 if mon.k >= prob.maxiter:
                     break
+                stepped = live
                 vj = V[:, j, :]
                 w = mv(vj if psolve is None else psolve(vj))
-                eh0 = eps * nrm(w)
+                wn = nrm(w)
+                eh0 = eps * wn
+                anorm = xp.where(live & (wn > anorm), wn, anorm)
                 # Classical Gram-Schmidt, twice, as batched products with the basis; w is a
                 # (B, n, 1) column here.
                 w = w[:, :, None]
@@ -222,7 +236,7 @@ class GMRES(Solver):
                 # A pivot that vanishes to working precision (so h_{j+1,j} does too): A M is
                 # singular on the Krylov space and the residual cannot be reduced further; the
                 # column is left out, so x minimises the residual over the previous space.
-                broke = live & ((xp.abs(rr) if cplx else rr) <= eh0)
+                broke = live & ((xp.abs(rr) if cplx else rr) <= piv_tol * anorm)
                 mon._set(broke, BREAKDOWN)
                 live = live & ~broke
                 lives.append(live)
@@ -230,14 +244,29 @@ class GMRES(Solver):
                 live = live & unlucky
                 xk = None
                 if callback is not None:
+                    # Systems that stopped earlier in the cycle keep the x they stopped with.
                     xk = self._form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve)
+                    xk = xp.where(stepped[:, None], xk, xcb)
+                    xcb = xk
                 stop = mon.update(est, xk)
                 live = live & mon.active
                 if stop:
                     break
-            x = self._form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve)
+            if callback is not None:
+                x = xcb
+            else:
+                x = self._form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve)
             r = prob.b - prob.mv(x)
             rtrue = norm(xp, r)
+            # The cycle minimised the residual over x_start + M K: a true residual far above
+            # the one it started from means the small least-squares problem was numerically
+            # singular (A singular on the Krylov space, b outside its range); keep x_start.
+            worse = started & xp.isfinite(rtrue) & (rtrue > 10.0 * beta)
+            if bool(xp.any(worse)):
+                x = xp.where(worse[:, None], x_start, x)
+                r = xp.where(worse[:, None], r_start, r)
+                rtrue = xp.where(worse, beta, rtrue)
+                mon._set(worse, BREAKDOWN)
             reopened = mon.check(x, rtrue)
             if reopened is not None:
                 # scipy's adaptive inner tolerance (scipy gh-8400): the estimate's target for

@@ -15,8 +15,8 @@ and sparse least squares", ACM Trans. Math. Softw. 8(1), 43-71, 1982.
 
 from __future__ import annotations
 
-from ._base import CONVERGED, Monitor, Problem, Solver, norm
-from ._krylov import any_active, column, safe_div, scalars
+from ._base import LEAST_SQUARES, Monitor, Problem, Solver, norm, verified_rounds
+from ._krylov import column, safe_div, scalars
 
 __all__ = ["LSQR"]
 
@@ -33,28 +33,35 @@ class LSQR(Solver):
         the numerical stability of a bidiagonalisation; to the minimum-norm least-squares
         solution from ``x0 = 0``.
     Stops
-        CONVERGED when ``||b - A x|| <= max(rtol ||b||, atol)`` (the residual of the user's
-        system, kept by recurrence at no extra product), or, for an inconsistent
-        least-squares problem, when ``||A^H r - damp^2 x|| <= rtol ||A||_F ||r||`` (with the
-        norms estimated by the bidiagonalisation, as in the paper; ``r`` here includes the
-        damping rows). Systems stopped by the second test have ``info["least_squares"]``
-        True. Then after ``maxiter`` iterations (COMPLETED in fixed-budget mode);
-        DIVERGED / NONFINITE as for every method. An exact solution found early
-        (bidiagonalisation ended) is not a breakdown: the iterate then stops changing.
+        CONVERGED when the recurred residual ``||b - A x||`` meets ``max(rtol ||b||, atol)``
+        and then the true residual (one product) meets it too (otherwise LSQR restarts from
+        the true residual with a tighter internal tolerance). LEAST_SQUARES when ``x``
+        minimises ``||b - A x||`` without solving the system: the least-squares test
+        ``||A^H r - damp^2 x|| <= tol ||A||_F ||r||`` (norms estimated by the
+        bidiagonalisation, as in the paper; ``r`` here includes the damping rows) with
+        ``tol = rtol`` when ``least_squares=True`` asks for a least-squares solution, and
+        ``tol = 10 eps`` otherwise, so that a consistent but ill-conditioned system goes on
+        to be solved instead of stopping early. LEAST_SQUARES is a success only with
+        ``least_squares=True``. Then after ``maxiter`` iterations (COMPLETED in
+        fixed-budget mode); DIVERGED / NONFINITE as for every method. An exact solution
+        found early (bidiagonalisation ended) is not a breakdown: the iterate then stops
+        changing.
 
     For ``damp=0`` and ``atol=0`` the first test is that of
     ``scipy.sparse.linalg.lsqr(atol=0, btol=rtol)`` (which tests its estimate of ``||r||``
     where we test the recurred residual); the second is scipy's ``atol`` test with
-    ``atol=rtol``. There is no test on the condition number (scipy's ``conlim``).
+    ``atol=rtol`` (``least_squares=True``). There is no test on the condition number (scipy's ``conlim``).
 
     The callback sees every iterate.
 
     Options
         ``damp`` (float, default 0.0): damping; minimise
         ``||b - A x||^2 + damp^2 ||x||^2``.
+        ``least_squares`` (bool, default False): a least-squares solution is what is
+        wanted; LEAST_SQUARES then counts as success (``res.success``).
 
-    ``info`` holds ``least_squares`` (bool, per system for batched solves: stopped by the
-    least-squares test) and ``normal_residual_norm`` (the estimate of
+    ``info`` holds ``least_squares`` (bool, per system for batched solves: status
+    LEAST_SQUARES) and ``normal_residual_norm`` (the estimate of
     ``||A^H r - damp^2 x||``).
 
     References
@@ -67,9 +74,9 @@ class LSQR(Solver):
     >>> import numpy as np, linsolve_rbp as lr
     >>> A = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])     # overdetermined
     >>> b = np.array([1.0, 1.0, 0.0])                          # inconsistent
-    >>> res = lr.solve(A, b, method="lsqr", rtol=1e-8)
-    >>> res.status.name, res.info["least_squares"]
-    ('CONVERGED', True)
+    >>> res = lr.solve(A, b, method="lsqr", rtol=1e-8, least_squares=True)
+    >>> res.status.name, res.success
+    ('LEAST_SQUARES', True)
     >>> np.allclose(res.x, np.linalg.lstsq(A, b, rcond=None)[0])
     True
     """
@@ -77,95 +84,116 @@ class LSQR(Solver):
     name = "lsqr"
     needs_rmatvec = True
     needs_square = False
-    options = {"damp": 0.0}
-    option_kinds = {"damp": "nonnegative"}
+    options = {"damp": 0.0, "least_squares": False}
+    option_kinds = {"damp": "nonnegative", "least_squares": "bool"}
 
     def run(self, prob: Problem):
         xp = prob.xp
-        damp = prob.options["damp"]
-        one, zero = scalars(prob, 1.0), scalars(prob, 0.0)
         x = prob.initial_x()
         r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
-        beta = norm(xp, r)
-        mon = Monitor(prob, beta, x0=x)
-        rnorm = beta
-
-        # Golub-Kahan start: beta u = r, alpha v = A^H u.
-        u = column(safe_div(xp, one, beta)) * r
-        v = prob.rmv(u)
-        alpha = norm(xp, v)
-        v = column(safe_div(xp, one, alpha)) * v
-        # x is zero-residual already, or A^H r = 0: x is a least-squares solution.
-        if prob.fixed_budget:
-            least_squares = xp.zeros_like(mon.active)
-        else:
-            least_squares = mon.active & (alpha == 0) & (beta > 0)
-            mon.flag(least_squares, CONVERGED)
+        mon = Monitor(prob, norm(xp, r), x0=x)
+        eps = float(xp.finfo(prob.real_dtype).eps)
         rtol = 0.0 if prob.rtol is None else prob.rtol
+        # The least-squares test: at rtol when a least-squares solution is asked for; else
+        # only once x is a least-squares solution to working precision, where the residual
+        # cannot fall any further.
+        ls_tol = max(rtol, eps) if prob.options["least_squares"] else 10 * eps
+        arnorm = scalars(prob, 0.0)
 
-        phibar, rhobar = beta, alpha
-        anorm2 = zero            # estimate of ||[A; damp I]||_F^2 (Frobenius of B_k)
-        damped2 = zero           # squared norm of the damping part of the residual
-        arnorm = alpha * beta
-        # w is the search direction, w = v_k - t w_{k-1}; aw = A w is kept alongside from
-        # A v_k (which the bidiagonalisation computes) for the residual recurrence.
-        t = zero
-        w = xp.zeros_like(x)
-        aw = xp.zeros_like(r)
+        def iterate(x, r, rnorm):
+            nonlocal arnorm
+            x, rnorm, arnorm = _lsqr(prob, mon, x, r, rnorm, ls_tol)
+            return x, rnorm
 
-        if any_active(mon):
-            for _ in range(prob.maxiter):
-                av = prob.mv(v)
-                w = v - column(t) * w
-                aw = av - column(t) * aw
-                u = av - column(alpha) * u
-                beta = norm(xp, u)
-                u = column(safe_div(xp, one, beta)) * u
-                anorm2 = anorm2 + alpha**2 + beta**2 + damp**2
-                v_next = prob.rmv(u) - column(beta) * v
-                alpha_next = norm(xp, v_next)
-                v = column(safe_div(xp, one, alpha_next)) * v_next
-
-                # Eliminate the damping row, then the subdiagonal beta (plane rotations).
-                if damp:
-                    rhobar1 = xp.sqrt(rhobar**2 + damp**2)
-                    damped2 = damped2 + (safe_div(xp, damp * phibar, rhobar1)) ** 2
-                    phibar = safe_div(xp, rhobar * phibar, rhobar1)
-                else:
-                    rhobar1 = rhobar
-                rho = xp.sqrt(rhobar1**2 + beta**2)
-                # rho = 0 only after the bidiagonalisation has ended: keep everything as is.
-                live = rho > 0
-                c = xp.where(live, safe_div(xp, rhobar1, rho), one)
-                s = safe_div(xp, beta, rho)
-                theta = s * alpha_next
-                rhobar = xp.where(live, -c * alpha_next, rhobar)
-                phi = xp.where(live, c * phibar, zero)
-                phibar = xp.where(live, s * phibar, phibar)
-                step = safe_div(xp, phi, rho)
-                t = safe_div(xp, theta, rho)
-                alpha = alpha_next
-
-                active = mon.active
-                x = xp.where(column(active), x + column(step) * w, x)
-                r = xp.where(column(active), r - column(step) * aw, r)
-                rnorm = xp.where(active, norm(xp, r), rnorm)
-                arnorm = xp.where(active, alpha_next * xp.abs(c * phibar), arnorm)
-                if not prob.fixed_budget:
-                    # The least-squares test, on the damped residual ||[r; -damp x]||.
-                    r2norm = xp.sqrt(phibar**2 + damped2)
-                    ls = xp.sqrt(anorm2) * r2norm * rtol
-                    ls = active & (arnorm <= ls) & ~(rnorm <= mon.threshold)
-                    mon.flag(ls, CONVERGED)
-                    least_squares = least_squares | ls
-                if mon.update(rnorm, x):
-                    break
-
+        x, rnorm = verified_rounds(prob, mon, x, r, mon.history[0], iterate)
+        out = mon.finish(x, rnorm)
+        out.accept_least_squares = bool(prob.options["least_squares"])
+        least_squares = out.codes == LEAST_SQUARES
+        if prob.scale is not None:
+            arnorm = arnorm * prob.scale
         if prob.batched:
-            info = {"least_squares": least_squares, "normal_residual_norm": arnorm}
+            out.info = {"least_squares": least_squares, "normal_residual_norm": arnorm}
         else:
-            info = {
+            out.info = {
                 "least_squares": bool(least_squares[0]),
                 "normal_residual_norm": float(arnorm[0]),
             }
-        return mon.finish(x, rnorm, info=info)
+        return out
+
+
+def _lsqr(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
+    """LSQR from ``x`` with true residual ``r`` until the monitor stops every system or
+    ``maxiter`` is reached; returns ``x``, the recurred residual norms and the estimates of
+    ``||A^H r - damp^2 x||``."""
+    xp = prob.xp
+    damp = prob.options["damp"]
+    one, zero = scalars(prob, 1.0), scalars(prob, 0.0)
+    beta = norm(xp, r)
+
+    # Golub-Kahan start: beta u = r, alpha v = A^H u.
+    u = column(safe_div(xp, one, beta)) * r
+    v = prob.rmv(u)
+    alpha = norm(xp, v)
+    v = column(safe_div(xp, one, alpha)) * v
+    # A^H r = 0 with r != 0: x is a least-squares solution that does not solve the system.
+    if not prob.fixed_budget:
+        mon.flag((alpha == 0) & (beta > 0), LEAST_SQUARES)
+
+    phibar, rhobar = beta, alpha
+    anorm2 = zero            # estimate of ||[A; damp I]||_F^2 (Frobenius of B_k)
+    damped2 = zero           # squared norm of the damping part of the residual
+    arnorm = alpha * beta
+    # w is the search direction, w = v_k - t w_{k-1}; aw = A w is kept alongside from
+    # A v_k (which the bidiagonalisation computes) for the residual recurrence.
+    t = zero
+    w = xp.zeros_like(x)
+    aw = xp.zeros_like(r)
+
+    if not mon.any_active():
+        return x, rnorm, arnorm
+    while mon.k < prob.maxiter:
+        av = prob.mv(v)
+        w = v - column(t) * w
+        aw = av - column(t) * aw
+        u = av - column(alpha) * u
+        beta = norm(xp, u)
+        u = column(safe_div(xp, one, beta)) * u
+        anorm2 = anorm2 + alpha**2 + beta**2 + damp**2
+        v_next = prob.rmv(u) - column(beta) * v
+        alpha_next = norm(xp, v_next)
+        v = column(safe_div(xp, one, alpha_next)) * v_next
+
+        # Eliminate the damping row, then the subdiagonal beta (plane rotations).
+        if damp:
+            rhobar1 = xp.hypot(rhobar, xp.full_like(rhobar, damp))
+            damped2 = damped2 + (safe_div(xp, damp * phibar, rhobar1)) ** 2
+            phibar = safe_div(xp, rhobar * phibar, rhobar1)
+        else:
+            rhobar1 = rhobar
+        rho = xp.hypot(rhobar1, beta)
+        # rho = 0 only after the bidiagonalisation has ended: keep everything as is.
+        live = rho > 0
+        c = xp.where(live, safe_div(xp, rhobar1, rho), one)
+        s = safe_div(xp, beta, rho)
+        theta = s * alpha_next
+        rhobar = xp.where(live, -c * alpha_next, rhobar)
+        phi = xp.where(live, c * phibar, zero)
+        phibar = xp.where(live, s * phibar, phibar)
+        step = safe_div(xp, phi, rho)
+        t = safe_div(xp, theta, rho)
+        alpha = alpha_next
+
+        active = mon.active
+        x = xp.where(column(active), x + column(step) * w, x)
+        r = xp.where(column(active), r - column(step) * aw, r)
+        rnorm = xp.where(active, norm(xp, r), rnorm)
+        arnorm = xp.where(active, alpha_next * xp.abs(c * phibar), arnorm)
+        if not prob.fixed_budget:
+            # The least-squares test, on the damped residual ||[r; -damp x]||.
+            r2norm = xp.sqrt(phibar**2 + damped2)
+            ls = xp.sqrt(anorm2) * r2norm * ls_tol
+            ls = active & (arnorm <= ls) & ~(rnorm <= mon.threshold)
+            mon.flag(ls, LEAST_SQUARES)
+        if mon.update(rnorm, x):
+            break
+    return x, rnorm, arnorm

@@ -11,8 +11,8 @@ equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm
-from ._krylov import any_active, column, real_part, safe_div, scalars
+from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, verified_rounds
+from ._krylov import column, real_part, safe_div, scalars
 
 __all__ = ["MINRES"]
 
@@ -42,7 +42,12 @@ class MINRES(Solver):
     Stops
         When the residual ``r = b - A x`` of the user's system, kept by recurrence alongside
         the iterate (no extra product, also when preconditioned), meets
-        ``max(rtol ||b||, atol)``; after ``maxiter`` iterations (COMPLETED in fixed-budget
+        ``max(rtol ||b||, atol)`` and then the true residual (one product) meets it too;
+        otherwise MINRES restarts from the true residual with a tighter internal tolerance
+        (in float32, or at condition numbers near 1/eps, the recurred residual can fall far
+        below the true one). A solve that ends with a true residual worse than that of its
+        best verified iterate (``x0`` or an earlier check) returns that iterate; one whose
+        true residual passes ``divtol`` times the initial one is DIVERGED. After ``maxiter`` iterations (COMPLETED in fixed-budget
         mode); BREAKDOWN when ``M`` turns out not to be positive definite (``<r, M r> < 0``)
         or the projected system is singular (singular ``A`` with ``b`` outside its range);
         DIVERGED / NONFINITE as for every method.
@@ -69,69 +74,92 @@ class MINRES(Solver):
 
     def run(self, prob: Problem):
         xp = prob.xp
-        psolve = prob.psolve if prob.psolve is not None else (lambda v: v)
         x = prob.initial_x()
         r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
         mon = Monitor(prob, norm(xp, r), x0=x)
-        rnorm = mon.history[0]
 
-        # Lanczos vectors: r_prev, r_cur are unnormalised and live in A's range space;
-        # y = M r_cur, beta = sqrt(<r_cur, M r_cur>), and v = y / beta is the next basis vector.
-        zero = scalars(prob, 0.0)
-        r_prev = r_cur = r
+        def iterate(x, r, rnorm):
+            return _minres(prob, mon, x, r, rnorm)
+
+        x, rnorm = verified_rounds(prob, mon, x, r, mon.history[0], iterate)
+        return mon.finish(x, rnorm)
+
+
+def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
+    """The MINRES recurrence from ``x`` with true residual ``r``, until the monitor stops
+    every system or ``maxiter`` is reached; returns ``x`` and the recurred residual norms."""
+    xp = prob.xp
+    psolve = prob.psolve if prob.psolve is not None else (lambda v: v)
+    one = scalars(prob, 1.0)
+
+    # Lanczos vectors: r_prev, r_cur are unnormalised and live in A's range space;
+    # y = M r_cur, beta = sqrt(<r_cur, M r_cur>), and v = y / beta is the next basis vector.
+    zero = scalars(prob, 0.0)
+    r_prev = r_cur = r
+    y = psolve(r_cur)
+    beta2 = real_part(xp, dot(xp, r_cur, y))
+    mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
+    beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
+    beta_old = zero
+    # Givens rotation state of the QR factorisation of the Lanczos tridiagonal matrix.
+    cs, sn = scalars(prob, -1.0), zero
+    dbar = eps = zero
+    phibar = beta
+    # Search directions w_{k-1}, w_{k-2} and their images under A, for the residual
+    # recurrence r <- r - phi A w (A w is built from A v, which Lanczos computes anyway).
+    w = w_old = xp.zeros_like(x)
+    aw = aw_old = xp.zeros_like(r)
+    # A running estimate of ||A|| (the largest column of the Lanczos tridiagonal matrix): a
+    # new beta below round-off relative to it ends the Lanczos process (the Krylov space is
+    # invariant), and a system not solved by then has b outside the range of a singular A.
+    anorm = zero
+    tiny = 10.0 * float(xp.finfo(prob.real_dtype).eps)
+
+    while mon.k < prob.maxiter:
+        v = column(safe_div(xp, one, beta)) * y
+        av = prob.mv(v)
+        y = av - column(safe_div(xp, beta, beta_old)) * r_prev
+        alpha = real_part(xp, dot(xp, v, y))
+        y = y - column(safe_div(xp, alpha, beta)) * r_cur
+        r_prev, r_cur = r_cur, y
         y = psolve(r_cur)
+        beta_old = beta
         beta2 = real_part(xp, dot(xp, r_cur, y))
         mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
         beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
-        beta_old = zero
-        # Givens rotation state of the QR factorisation of the Lanczos tridiagonal matrix.
-        cs, sn = scalars(prob, -1.0), zero
-        dbar = eps = zero
-        phibar = beta
-        # Search directions w_{k-1}, w_{k-2} and their images under A, for the residual
-        # recurrence r <- r - phi A w (A w is built from A v, which Lanczos computes anyway).
-        w = w_old = xp.zeros_like(x)
-        aw = aw_old = xp.zeros_like(r)
+        anorm = xp.maximum(anorm, xp.hypot(xp.hypot(alpha, beta), beta_old))
+        ended = beta <= tiny * anorm
 
-        if not any_active(mon):
-            return mon.finish(x, rnorm)
-        for _ in range(prob.maxiter):
-            v = column(safe_div(xp, scalars(prob, 1.0), beta)) * y
-            av = prob.mv(v)
-            y = av - column(safe_div(xp, beta, beta_old)) * r_prev
-            alpha = real_part(xp, dot(xp, v, y))
-            y = y - column(safe_div(xp, alpha, beta)) * r_cur
-            r_prev, r_cur = r_cur, y
-            y = psolve(r_cur)
-            beta_old = beta
-            beta2 = real_part(xp, dot(xp, r_cur, y))
-            mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
-            beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
+        # Apply the previous rotation to the new column of the tridiagonal matrix, then
+        # build the rotation that annihilates its subdiagonal entry beta.
+        eps_old = eps
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        eps = sn * beta
+        dbar = -cs * beta
+        gamma = xp.hypot(gbar, beta)
+        # A pivot that vanishes to round-off: the projected system is singular (A singular
+        # on the Krylov space); the step would be garbage, so it is not taken.
+        mon.flag((gamma <= tiny * anorm) & (phibar > 0), BREAKDOWN)
+        cs = safe_div(xp, gbar, gamma)
+        sn = safe_div(xp, beta, gamma)
+        phi = cs * phibar
+        phibar = sn * phibar
 
-            # Apply the previous rotation to the new column of the tridiagonal matrix, then
-            # build the rotation that annihilates its subdiagonal entry beta.
-            eps_old = eps
-            delta = cs * dbar + sn * alpha
-            gbar = sn * dbar - cs * alpha
-            eps = sn * beta
-            dbar = -cs * beta
-            gamma = xp.sqrt(gbar**2 + beta**2)
-            mon.flag((gamma == 0) & (phibar > 0), BREAKDOWN)
-            cs = safe_div(xp, gbar, gamma)
-            sn = safe_div(xp, beta, gamma)
-            phi = cs * phibar
-            phibar = sn * phibar
+        inv_gamma = column(safe_div(xp, one, gamma))
+        w_new = (v - column(eps_old) * w_old - column(delta) * w) * inv_gamma
+        aw_new = (av - column(eps_old) * aw_old - column(delta) * aw) * inv_gamma
+        w_old, w = w, w_new
+        aw_old, aw = aw, aw_new
 
-            inv_gamma = column(safe_div(xp, scalars(prob, 1.0), gamma))
-            w_new = (v - column(eps_old) * w_old - column(delta) * w) * inv_gamma
-            aw_new = (av - column(eps_old) * aw_old - column(delta) * aw) * inv_gamma
-            w_old, w = w, w_new
-            aw_old, aw = aw, aw_new
-
-            active = mon.active
-            x = xp.where(column(active), x + column(phi) * w, x)
-            r = xp.where(column(active), r - column(phi) * aw, r)
-            rnorm = xp.where(active, norm(xp, r), rnorm)
-            if mon.update(rnorm, x):
-                break
-        return mon.finish(x, rnorm)
+        active = mon.active
+        x = xp.where(column(active), x + column(phi) * w, x)
+        r = xp.where(column(active), r - column(phi) * aw, r)
+        rnorm = xp.where(active, norm(xp, r), rnorm)
+        # The step just taken minimised the residual over the whole invariant space: a
+        # system that it does not solve cannot be solved by going on.
+        if mon.threshold is not None:
+            mon.flag(ended & ~(rnorm <= mon.threshold), BREAKDOWN)
+        if mon.update(rnorm, x):
+            break
+    return x, rnorm

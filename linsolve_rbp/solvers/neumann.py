@@ -20,18 +20,28 @@ class Neumann(Solver):
     ``K`` products.
 
     Needs
-        ``A x`` only, one product per term; memory for two vectors (the partial sum is
-        accumulated in place).
+        ``A x`` only, one product per term, plus one at the end in tolerance mode to check
+        the partial sum returned; memory for two vectors (the partial sum is accumulated in
+        place).
     Converges
         When the spectral radius of ``I - A`` (of ``J``) is below 1; the error after ``K`` terms
         is bounded by Proposition 2 of the paper (see
         :func:`linsolve_rbp.diagnostics.neumann_error_bound`).
     Stops
-        When the newest term ``v_k = (I - A)^k r0``, which is exactly the residual
-        ``b - A x_{k-1}`` of the previous partial sum, meets ``max(rtol ||b||, atol)``; that
-        norm is the reported residual (free of extra products); after ``maxiter`` terms
-        (COMPLETED in fixed-budget mode); DIVERGED when the terms grow past ``divtol`` times the
-        first; NONFINITE on NaN/inf, returning the best finite partial sum.
+        When the newest term ``v_k = (I - A)^k r0``, which in exact arithmetic is the
+        residual ``b - A x_{k-1}`` of the previous partial sum, meets
+        ``max(rtol ||b||, atol)``, and then the true residual of the partial sum ``x_k``
+        returned (one product) meets it too. The terms are a recurrence and, for a
+        non-normal ``J``, can be far from the true residual; when the true residual misses
+        the tolerance it becomes the next term (so the check costs no extra product) and the
+        series goes on. After ``maxiter`` terms: MAX_ITERATIONS (the last partial sum is
+        checked, one product), or COMPLETED in fixed-budget mode, which adds exactly
+        ``maxiter`` terms; DIVERGED when the terms grow past ``divtol`` times the first;
+        NONFINITE on NaN/inf, returning the best finite partial sum. With
+        ``rtol=None, atol=None, divtol=None`` the sum of all ``maxiter + 1`` terms is
+        returned, COMPLETED, as Neumann-RBP defines it, even when the terms grow (the
+        message then says so). The reported residual is the true one in tolerance mode and
+        the newest term in fixed-budget mode.
 
     The callback sees every partial sum.
     """
@@ -40,21 +50,34 @@ class Neumann(Solver):
 
     def run(self, prob: Problem):
         xp = prob.xp
-        if prob.x0 is None:
-            v = prob.b
-            g = xp.asarray(prob.b, copy=True)
-        else:
-            x0 = prob.initial_x()
-            v = prob.b - prob.mv(x0)
-            g = x0 + v
-        mon = Monitor(prob, norm(xp, v), x0=g)
+        x0 = prob.initial_x()
+        v = prob.b if prob.x0 is None else prob.b - prob.mv(x0)
+        mon = Monitor(prob, norm(xp, v), x0=x0)
         rnorm = mon.history[0]
-        for _ in range(prob.maxiter):
-            v = v - prob.mv(v)
-            active = mon.active[:, None]
-            v = xp.where(active, v, xp.zeros_like(v))
-            g += v  # in place: memory stays two vectors
-            rnorm = xp.where(mon.active, norm(xp, v), rnorm)
+        zeros = xp.zeros_like(v)
+        # A system whose x0 already meets the tolerance keeps x0, whose residual is known.
+        g = xp.where(mon.active[:, None], x0 + v, x0)
+        checked = mon.k  # the iteration whose partial sum was last checked
+        r_next = None
+        while mon.k < prob.maxiter:
+            if r_next is None:
+                v = v - prob.mv(v)
+            else:
+                # The true residual of the partial sum is the next term, exactly.
+                v, r_next = r_next, None
+            active = mon.active
+            v = xp.where(active[:, None], v, zeros)
+            g += v  # in place: memory stays two vectors (three while a claim is checked)
+            rnorm = xp.where(active, norm(xp, v), rnorm)
             if mon.update(rnorm, g):
-                break
+                if prob.fixed_budget:
+                    break
+                r, rnorm, reopened = mon.verify(g)
+                checked = mon.k
+                if mon.k >= prob.maxiter or not mon.any_active():
+                    break
+                mon.tighten(reopened, rnorm)
+                r_next = r
+        if not prob.fixed_budget and checked != mon.k:
+            _, rnorm, _ = mon.verify(g)
         return mon.finish(g, rnorm)
