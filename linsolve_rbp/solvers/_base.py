@@ -21,7 +21,7 @@ from .. import backend as _b
 from .._result import Status
 
 __all__ = [
-    "Problem", "Monitor", "Outcome", "Solver", "dot", "norm", "run_scaled", "verified_rounds",
+    "Problem", "Monitor", "Outcome", "Solver", "dot", "norm", "safe_norm", "run_scaled", "verified_rounds",
     "RUNNING",
 ]
 
@@ -43,8 +43,23 @@ def dot(xp, u, v):
 
 
 def norm(xp, v):
-    """Per-row 2-norms of a ``(B, n)`` array."""
+    """Per-row 2-norms of a ``(B, n)`` array.
+
+    Not guarded against overflow or underflow: the solvers run on right-hand sides scaled to
+    a largest magnitude in [1, 2) (:func:`run_scaled`), where it is exact enough and one
+    pass. Use :func:`safe_norm` on data of any scale."""
     return xp.linalg.vector_norm(v, axis=-1)
+
+
+def safe_norm(xp, v):
+    """Per-row 2-norms of a ``(B, n)`` array of any scale: the rows are divided by their
+    largest magnitude first, so no square overflows or underflows (LAPACK's ``dnrm2``
+    idea)."""
+    big = xp.max(xp.abs(v), axis=-1) if v.shape[-1] else xp.zeros(v.shape[:-1], dtype=xp.abs(v).dtype)
+    usable = xp.isfinite(big) & (big > 0)
+    s = xp.where(usable, big, xp.ones_like(big))
+    # Rows of zeros, inf or NaN: their largest magnitude is their norm (0, inf or NaN).
+    return xp.where(usable, s * xp.linalg.vector_norm(v / s[..., None], axis=-1), big)
 
 
 @dataclass
@@ -122,7 +137,7 @@ class Problem:
         if self.fixed_budget:
             return None
         xp = self.xp
-        bnorm = norm(xp, self.b)
+        bnorm = safe_norm(xp, self.b)
         rtol = 0.0 if self.rtol is None else self.rtol
         atol = xp.asarray(0.0 if self.atol is None else self.atol, dtype=bnorm.dtype, device=self.device)
         if self.scale is not None:
@@ -275,20 +290,25 @@ class Monitor:
         """Mark systems in ``mask`` (still active) as stopped with ``code`` (e.g. BREAKDOWN)."""
         self._set(self.active & mask, code)
 
-    def update(self, rnorm, x=None) -> bool:
-        """Record iteration ``k + 1``; return True when the solver should stop."""
+    def update(self, rnorm, x=None, of=None) -> bool:
+        """Record iteration ``k + 1``; return True when the solver should stop.
+
+        ``x`` is the new iterate (for the callback); ``of`` is the iterate whose residual
+        ``rnorm`` is, when that is not ``x`` (``neumann`` and ``fixed_point`` know the
+        residual of the previous iterate), for the choice of the best iterate."""
         xp = self.xp
         self.k += 1
         was_active = self.active
         self.history.append(rnorm)
         self._test(rnorm)
-        if x is not None:
+        cand = x if of is None else of
+        if cand is not None:
             better = was_active & xp.isfinite(rnorm) & (rnorm <= self.best_r)
             self.best_r = xp.where(better, rnorm, self.best_r)
             if self.best_x is None:
-                self.best_x = xp.asarray(x, copy=True)
+                self.best_x = xp.asarray(cand, copy=True)
             else:
-                self.best_x = xp.where(better[:, None], x, self.best_x)
+                self.best_x = xp.where(better[:, None], cand, self.best_x)
         cb = self.prob.callback
         if cb is not None:
             if self.prob.batched:
@@ -400,22 +420,23 @@ class Monitor:
         codes = self.codes
         bad = (codes == DIVERGED) | (codes == NONFINITE)
         bad = bad | ~xp.all(xp.isfinite(x), axis=-1)
+        back = bad
         if self._verified:
+            # rnorm is the true residual of x: an x worse than the best verified is not kept.
             fin_r = xp.where(xp.isfinite(rnorm), rnorm, self._inf)
-            worse = (codes == MAX_ITERATIONS) & (fin_r > self.ver_r)
-            back = bad | worse
-            if self.best_x is not None and bool(xp.any(back)):
-                # The iterate with the smallest estimate may be better than any verified one.
+            back = bad | ((codes == MAX_ITERATIONS) & (fin_r > self.ver_r))
+        if bool(xp.any(back)):
+            if self.best_x is not None:
+                # The iterate with the smallest residual estimate (the estimates may be a
+                # step stale, or drift) is verified with one product and taken where it is
+                # better than the best verified iterate (x0 at least).
                 rb = norm(xp, prob.b - prob.mv(self.best_x))
                 take = back & xp.isfinite(rb) & (rb < self.ver_r) & xp.all(xp.isfinite(self.best_x), axis=-1)
                 self.ver_r = xp.where(take, rb, self.ver_r)
-                self.ver_x = xp.where(take[:, None], self.best_x, self.ver_x)
+                self.ver_x = self.best_x if self.ver_x is None else xp.where(take[:, None], self.best_x, self.ver_x)
             if self.ver_x is not None:
                 x = xp.where(back[:, None], self.ver_x, x)
                 rnorm = xp.where(back, self.ver_r, rnorm)
-        elif self.best_x is not None:
-            x = xp.where(bad[:, None], self.best_x, x)
-            rnorm = xp.where(bad, self.best_r, rnorm)
         # Anything still non-finite (no finite iterate was ever seen) is zeroed, never NaN.
         x = xp.where(xp.isfinite(x), x, xp.zeros_like(x))
         return Outcome(x=x, codes=self.codes, iterations=self.k, residual_norm=rnorm,
@@ -440,6 +461,11 @@ class Solver:
         The method solves square systems only.
     accepts_preconditioner : bool
         ``M`` may be given.
+    checks_claims : bool
+        The method itself checks every CONVERGED it reports against the true residual
+        ``||b - A x||`` (with :meth:`Monitor.verify` or :func:`verified_rounds`). A method
+        that leaves it False has its claims checked after it returns (one product), and a
+        claim the true residual does not back becomes MAX_ITERATIONS.
     batched_products : bool
         With ``batch_dims=1`` the method hands the operator ``(B, n)`` arrays, one row per
         system, as :func:`linsolve_rbp.solve` promises. False for methods that solve the
@@ -459,6 +485,10 @@ class Solver:
     needs_square = True
     accepts_preconditioner = False
     batched_products = True
+    #: The method checks every CONVERGED it reports against the true residual (all of the
+    #: package's methods do). When False, :func:`run_scaled` checks the claims of the
+    #: returned ``x`` itself, with one product.
+    checks_claims = False
     options: dict = {}
     #: How ``check_options`` validates an option (see the class docstring).
     option_kinds: dict = {}
@@ -558,7 +588,7 @@ def run_scaled(solver: Solver, prob: Problem) -> Outcome:
     s = 2.0 ** xp.floor(xp.log2(xp.where(usable, mag, one)))
     s_host = np.asarray(_b.to_numpy(s), dtype=float)
     if bool(np.all(s_host == 1.0)):
-        return solver.run(prob)
+        return _audited(solver, prob, solver.run(prob))
     col = s[:, None]
     cb = prob.callback
     if cb is not None:
@@ -575,14 +605,55 @@ def run_scaled(solver: Solver, prob: Problem) -> Outcome:
         callback=callback,
         scale=s,
     )
-    out = solver.run(scaled)
+    out = _audited(solver, scaled, solver.run(scaled))
 
     def back(a):
         if isinstance(a, np.ndarray) or np.isscalar(a):
             return np.asarray(a) * s_host
         return a * s
 
-    out.x = out.x * col
+    x = out.x * col
     out.residual_norm = back(out.residual_norm)
     out.history = [back(h) for h in out.history]
+    over = ~xp.all(xp.isfinite(x), axis=-1) & xp.all(xp.isfinite(out.x), axis=-1)
+    if bool(xp.any(over)):
+        # The scaled solve ended with an x whose scaled-back entries overflow: the solution
+        # (or the iterate) is beyond the dtype's range. Say so and return x0 (or zero).
+        start = xp.zeros_like(x) if prob.x0 is None else prob.x0
+        x = xp.where(over[:, None], start, x)
+        over_h = np.asarray(_b.to_numpy(over), dtype=bool)
+        codes = out.codes
+        if isinstance(codes, np.ndarray):
+            out.codes = np.where(over_h, NONFINITE, codes)
+        else:
+            out.codes = xp.where(over, xp.asarray(NONFINITE, dtype=codes.dtype, device=prob.device), codes)
+        r0 = out.history[0]
+        rn = out.residual_norm
+        out.residual_norm = np.where(over_h, np.asarray(_b.to_numpy(r0) if not isinstance(r0, np.ndarray) else r0), np.asarray(_b.to_numpy(rn) if not isinstance(rn, np.ndarray) else rn))
+        extra = "x overflows the dtype when scaled back to the right-hand side's magnitude"
+        out.note = f"{out.note}; {extra}" if out.note else extra
+    out.x = x
+    return out
+
+
+def _audited(solver: Solver, prob: Problem, out: Outcome) -> Outcome:
+    """Check the CONVERGED claims of a method that does not check them itself
+    (``checks_claims = False``) against the true residual of the ``x`` it returned."""
+    if solver.checks_claims or prob.fixed_budget:
+        return out
+    xp = prob.xp
+    codes = xp.asarray(out.codes, device=prob.device)
+    claimed = codes == CONVERGED
+    if not bool(xp.any(claimed)):
+        return out
+    rtrue = norm(xp, prob.b - prob.mv(out.x))
+    false = claimed & ~(rtrue <= prob.thresholds())
+    if bool(xp.any(false)):
+        out.codes = xp.where(false, xp.asarray(MAX_ITERATIONS, dtype=codes.dtype, device=prob.device), codes)
+        extra = (
+            f"method {solver.name!r} claimed convergence for x whose true residual misses the "
+            "tolerance; it is reported as not converged"
+        )
+        out.note = f"{out.note}; {extra}" if out.note else extra
+    out.residual_norm = xp.where(claimed, rtrue, xp.asarray(out.residual_norm, device=prob.device))
     return out

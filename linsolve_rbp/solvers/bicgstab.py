@@ -54,6 +54,7 @@ class BiCGStab(Solver):
     """
 
     name = "bicgstab"
+    checks_claims = True
     accepts_preconditioner = True
 
     def run(self, prob: Problem):

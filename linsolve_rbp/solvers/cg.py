@@ -109,6 +109,7 @@ class CG(Solver):
     """
 
     name = "cg"
+    checks_claims = True
     needs_symmetric = True
     accepts_preconditioner = True
 

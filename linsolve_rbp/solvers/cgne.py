@@ -77,6 +77,7 @@ class CGNE(Solver):
     """
 
     name = "cgne"
+    checks_claims = True
     needs_rmatvec = True
     options = {"eta": 0.0}
     option_kinds = {"eta": "nonnegative"}

@@ -36,6 +36,7 @@ class FixedPoint(Solver):
     """
 
     name = "fixed_point"
+    checks_claims = True
 
     def run(self, prob: Problem):
         xp = prob.xp
@@ -50,9 +51,9 @@ class FixedPoint(Solver):
                 r = prob.b - prob.mv(x)
             have_r = False
             active = mon.active
-            x = xp.where(active[:, None], x + r, x)
+            x_prev, x = x, xp.where(active[:, None], x + r, x)
             rnorm = xp.where(active, norm(xp, r), rnorm)
-            if mon.update(rnorm, x):
+            if mon.update(rnorm, x, of=x_prev):
                 if prob.fixed_budget:
                     break
                 # The residual of the new iterate: the claim's check, and the next

@@ -99,6 +99,7 @@ class GMRES(Solver):
     """
 
     name = "gmres"
+    checks_claims = True
     accepts_preconditioner = True
     options = {"restart": 20}
     option_kinds = {"restart": "positive_int"}

@@ -82,6 +82,7 @@ class LSQR(Solver):
     """
 
     name = "lsqr"
+    checks_claims = True
     needs_rmatvec = True
     needs_square = False
     options = {"damp": 0.0, "least_squares": False}

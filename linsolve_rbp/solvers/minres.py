@@ -69,6 +69,7 @@ class MINRES(Solver):
     """
 
     name = "minres"
+    checks_claims = True
     needs_symmetric = True
     accepts_preconditioner = True
 

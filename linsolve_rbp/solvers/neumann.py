@@ -1,7 +1,7 @@
 """Truncated Neumann series: Neumann-RBP.
 
 Needs: products with ``A`` only (for ``A = I - J^T``, one vector-Jacobian product per term).
-Memory: two work vectors, whatever the number of terms.
+Memory: four vectors (term, two partial sums, best partial sum), whatever the number of terms.
 
 Reference: Algorithm 2 and Propositions 2-3 of R. Liao et al., "Reviving and Improving
 Recurrent Back-Propagation", ICML 2018.
@@ -21,8 +21,8 @@ class Neumann(Solver):
 
     Needs
         ``A x`` only, one product per term, plus one at the end in tolerance mode to check
-        the partial sum returned; memory for two vectors (the partial sum is accumulated in
-        place).
+        the partial sum returned; memory for four vectors (the term, two partial sums, and
+        the best one).
     Converges
         When the spectral radius of ``I - A`` (of ``J``) is below 1; the error after ``K`` terms
         is bounded by Proposition 2 of the paper (see
@@ -47,6 +47,7 @@ class Neumann(Solver):
     """
 
     name = "neumann"
+    checks_claims = True
 
     def run(self, prob: Problem):
         xp = prob.xp
@@ -67,9 +68,11 @@ class Neumann(Solver):
                 v, r_next = r_next, None
             active = mon.active
             v = xp.where(active[:, None], v, zeros)
-            g += v  # in place: memory stays two vectors (three while a claim is checked)
+            # The new term is the residual of the previous partial sum, which is the
+            # candidate for the best iterate.
+            g_prev, g = g, g + v
             rnorm = xp.where(active, norm(xp, v), rnorm)
-            if mon.update(rnorm, g):
+            if mon.update(rnorm, g, of=g_prev):
                 if prob.fixed_budget:
                     break
                 r, rnorm, reopened = mon.verify(g)
