@@ -6,6 +6,7 @@ solvers, on numpy, torch and cupy arrays, with results that say whether they con
 """
 
 from ._result import ConvergenceWarning, SolveError, SolveResult, Status
+from ._warnings import reset_convergence_warnings, show_all_convergence_warnings
 from .operators import (
     IdentityOperator,
     LinearOperator,
@@ -31,5 +32,7 @@ __all__ = [
     "SolveResult",
     "SolveError",
     "ConvergenceWarning",
+    "show_all_convergence_warnings",
+    "reset_convergence_warnings",
     "__version__",
 ]

@@ -40,6 +40,8 @@ __all__ = [
     "is_floating_dtype",
     "is_complex_dtype",
     "real_dtype",
+    "is_half_dtype",
+    "array_kind",
     "same_device",
 ]
 
@@ -148,6 +150,25 @@ def real_dtype(xp, dtype):
     return dtype
 
 
+def is_half_dtype(xp, dtype) -> bool:
+    """Whether ``dtype`` is a 16-bit real floating dtype (float16, torch's bfloat16), which
+    :func:`linsolve_rbp.solve` iterates in float32."""
+    try:
+        if not xp.isdtype(dtype, "real floating"):
+            return False
+        return int(xp.finfo(dtype).bits) <= 16
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def array_kind(x_or_backend) -> str:
+    """"a numpy array", "a torch tensor", ...: how messages name an array of a backend."""
+    name = x_or_backend if isinstance(x_or_backend, str) else backend_name(x_or_backend)
+    if name == "torch":
+        return "a torch tensor"
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name} array"
+
+
 def to_numpy(x) -> np.ndarray:
     """A numpy view of ``x`` where possible (CPU torch tensors share memory), else a copy.
 
@@ -161,6 +182,9 @@ def to_numpy(x) -> np.ndarray:
             x = x.cpu()
         if x.is_conj():
             x = x.resolve_conj()
+        if x.dtype == _torch().bfloat16:
+            # numpy has no bfloat16; float32 holds every bfloat16 value exactly.
+            x = x.float()
         return x.numpy()
     if is_cupy_array(x):
         return x.get()

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import importlib
-import numbers
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from . import backend as _b
 from ._result import SolveError, SolveResult, Status
-from .operators import LinearOperator, aslinearoperator
-from .solvers._base import Problem, Solver
+from ._validate import check_options, did_you_mean
+from .operators import LinearOperator, OperatorMismatchError, aslinearoperator
+from .solvers._base import Problem, Solver, run_scaled
 
-__all__ = ["solve", "methods", "get_method", "register_method"]
+__all__ = ["solve", "methods", "get_method", "register_method", "check_options", "SolveOptions"]
+
+try:  # deduplicated convergence warnings (see linsolve_rbp._warnings)
+    from ._warnings import warn_failure as _warn_failure
+except ImportError:  # pragma: no cover
+    _warn_failure = None
 
 # name -> "module:Class", imported on first use.
 _REGISTRY: dict[str, str | type] = {
@@ -61,7 +69,11 @@ def get_method(name: str) -> Solver:
         raise TypeError(f"method must be a string, got {type(name).__name__}")
     if name not in _INSTANCES:
         if name not in _REGISTRY or not _available(name):
-            raise ValueError(f"method must be one of {', '.join(['auto'] + methods())}; got {name!r}")
+            names = methods()
+            raise ValueError(
+                f"method must be one of {', '.join(['auto'] + names)}; got {name!r}"
+                f"{did_you_mean(name, names)}"
+            )
         entry = _REGISTRY[name]
         if isinstance(entry, str):
             mod, cls = entry.split(":")
@@ -76,12 +88,54 @@ def _resolve_auto(A: LinearOperator) -> str:
     return "gmres"
 
 
-def _check_tol(value, name):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number or None, got {value!r}")
-    return float(value)
+@dataclass(frozen=True)
+class SolveOptions:
+    """The validated options of one :func:`solve` call, built once before any work.
+
+    Attributes
+    ----------
+    method : str
+        The method that runs (``"auto"`` resolved).
+    rtol, atol : float or None
+        Both None: fixed-budget mode.
+    maxiter : int
+        The iteration limit (the method's default filled in).
+    x0 : array or None
+        Checked against ``b`` (shape, backend, device, dtype).
+    M : LinearOperator or None
+        The preconditioner as an operator, checked against ``b``.
+    callback : callable or None
+    on_failure : {"warn", "raise", "ignore"}
+        The failure policy (``throw=True`` gives ``"raise"``; the default ``None`` gives
+        ``"ignore"``).
+    batch_dims : {0, 1}
+    check_every : int
+    divtol : float or None
+    method_options : mapping
+        The method's own options, defaults filled in (read-only).
+    """
+
+    method: str
+    rtol: float | None
+    atol: float | None
+    maxiter: int
+    x0: Any
+    M: Any
+    callback: Callable | None
+    on_failure: str
+    batch_dims: int
+    check_every: int
+    divtol: float | None
+    method_options: Mapping[str, Any]
+
+    @property
+    def throw(self) -> bool:
+        """Whether a failed solve raises (``on_failure == "raise"``)."""
+        return self.on_failure == "raise"
+
+    @property
+    def fixed_budget(self) -> bool:
+        return self.rtol is None and self.atol is None
 
 
 def _check_same(x, b, name):
@@ -95,12 +149,241 @@ def _check_same(x, b, name):
         raise TypeError(f"{name} has dtype {x.dtype} but b has dtype {b.dtype}; they must agree")
 
 
+def _as_preconditioner(M, b, n: int) -> LinearOperator:
+    """``M`` as an ``(n, n)`` operator of ``b``'s backend, device and dtype, or an error
+    naming M."""
+    if isinstance(M, LinearOperator):
+        op = M
+    elif _b.is_array(M):
+        if M.ndim != 2:
+            raise ValueError(
+                f"M must be a 2-D matrix of shape ({n}, {n}) (an approximation of A^-1), a "
+                f"LinearOperator or a callable; got an array of shape {tuple(M.shape)} (for a "
+                "diagonal preconditioner with diagonal d pass M=lambda x: x / d)"
+            )
+        op = aslinearoperator(M)
+    elif _b.is_sparse(M) or type(M).__module__.startswith("scipy.sparse.linalg"):
+        op = aslinearoperator(M)
+    elif callable(M):
+        # A function of b's kind: like=b fixes its backend, device and dtype for the checks.
+        op = LinearOperator((n, n), matvec=M, like=b)
+    else:
+        raise TypeError(f"M must be a LinearOperator, a matrix or a callable, got {type(M).__name__}")
+    if op.shape != (n, n):
+        raise ValueError(f"M must have shape {(n, n)}, got {op.shape}")
+    bb = _b.backend_name(b)
+    if op.backend is not None and op.backend != bb:
+        raise TypeError(
+            f"M works on {op.backend} arrays but b is {_b.array_kind(bb)}; build M from data of "
+            "b's backend"
+        )
+    if op.device is not None and str(op.device) != str(_b.device_of(b)):
+        raise ValueError(f"M is on device {op.device} but b is on device {_b.device_of(b)}; move one of them")
+    if op.dtype is not None and op.dtype != b.dtype:
+        raise TypeError(f"M has dtype {op.dtype} but b has dtype {b.dtype}; cast one so that they agree")
+    return op
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _product_error(what, y, x, want_shape):
+    """The message for a product ``y = f(x)`` that is not an array of ``x``'s backend,
+    device and dtype with shape ``want_shape``; None when it is."""
+    kind = _b.array_kind(x)
+    expected = f"expected {kind} of shape {_fmt(want_shape)} and dtype {x.dtype}"
+    if y is None:
+        return TypeError(f"{what} returned None; {expected}")
+    if not _b.is_array(y):
+        return TypeError(f"{what} returned a {type(y).__module__}.{type(y).__name__}; {expected}")
+    if _b.backend_name(y) != _b.backend_name(x):
+        return TypeError(f"{what} returned {_b.array_kind(y)} for a {_b.backend_name(x)} input; {expected}")
+    if tuple(y.shape) != tuple(want_shape):
+        return OperatorMismatchError(
+            f"{what} returned shape {_fmt(tuple(y.shape))} for an input of shape "
+            f"{_fmt(tuple(x.shape))}; {expected}"
+        )
+    if y.dtype != x.dtype:
+        return TypeError(f"{what} returned dtype {y.dtype} for an input of dtype {x.dtype}; {expected}")
+    if str(_b.device_of(y)) != str(_b.device_of(x)):
+        return OperatorMismatchError(
+            f"{what} returned an array on device {_b.device_of(y)} for an input on device "
+            f"{_b.device_of(x)}; {expected}"
+        )
+    return None
+
+
+def _checked_once(f, what: str, m: int):
+    """``f`` (a product mapping ``(..., n)`` to ``(..., m)``) whose first output is checked:
+    after one good product, calls go straight through (one flag test)."""
+    done = False
+
+    def g(x):
+        nonlocal done
+        y = f(x)
+        if not done:
+            err = _product_error(what, y, x, tuple(x.shape[:-1]) + (m,))
+            if err is not None:
+                raise err
+            done = True
+        return y
+
+    return g
+
+
+class _FacadeOperator(LinearOperator):
+    """The operator a solver sees: ``A``'s products, the first of each kind checked, counted
+    on ``A``; in half precision cast from the working dtype (float32) to ``A``'s and back.
+
+    Solvers that use ``prob.A`` directly (the scipy bridges) get the same checks and casts
+    as those that use ``prob.mv``.
+    """
+
+    def __init__(self, A: LinearOperator, name: str, like, work_dtype=None):
+        self.A = A
+        m, n = A.shape
+        self._fmv = _checked_once(A._mv, f"{name}'s matvec" if name == "A" else name, m)
+        self._fmatvec = _checked_once(A._matvec, f"{name}'s matvec" if name == "A" else name, m)
+        self._frmv = self._frmatvec = None
+        if A.has_rmatvec:
+            self._frmv = _checked_once(A._rmv, f"{name}'s rmatvec", n)
+            self._frmatvec = _checked_once(A._rmatvec, f"{name}'s rmatvec", n)
+        xp = _b.array_namespace(like)
+        if work_dtype is not None:
+            low, work = like.dtype, work_dtype
+            self._fmv, self._fmatvec, self._frmv, self._frmatvec = (
+                None if f is None else (lambda f: lambda x: xp.astype(f(xp.astype(x, low)), work))(f)
+                for f in (self._fmv, self._fmatvec, self._frmv, self._frmatvec)
+            )
+        self._setup(
+            A.shape, dtype=like.dtype if work_dtype is None else work_dtype, xp=xp,
+            device=_b.device_of(like), backend=_b.backend_name(like), symmetric=A.symmetric,
+        )
+
+    @property
+    def has_rmatvec(self):
+        return self._frmv is not None
+
+    @property
+    def rowwise(self):
+        return self.A.rowwise
+
+    def _mv(self, x):
+        return self._fmv(x)
+
+    def _rmv(self, x):
+        if self._frmv is None:
+            raise self.A._missing_rmatvec()
+        return self._frmv(x)
+
+    def _matvec(self, x):
+        return self._fmatvec(x)
+
+    def _rmatvec(self, x):
+        if self._frmatvec is None:
+            raise self.A._missing_rmatvec()
+        return self._frmatvec(x)
+
+    def __repr__(self):
+        return repr(self.A)
+
+
 def _batched_product(f, batched):
     if f is None:
         return None
     if batched:
         return f
     return lambda X: f(X[0, ...])[None, ...]
+
+
+# The package's own method standing in for each scipy bridge, named when a bridge is refused.
+_OWN_ALTERNATIVE = {
+    "scipy.cg": "cg", "scipy.gmres": "gmres", "scipy.lgmres": "gmres", "scipy.gcrotmk": "gmres",
+    "scipy.bicgstab": "bicgstab", "scipy.lsqr": "lsqr", "scipy.lsmr": "lsqr",
+}
+
+
+def _refuse_unservable(method, solver, A, M, batch_dims):
+    """Refuse, before any product, a method that cannot serve this operator."""
+    m, n = A.shape
+    if solver.needs_square and m != n:
+        raise ValueError(f"method {method!r} needs a square operator; A has shape {A.shape} (use lsqr)")
+    if solver.needs_rmatvec and not A.has_rmatvec:
+        raise ValueError(
+            f"method {method!r} needs products with A^H (rmatvec), which this operator lacks; "
+            "give the operator an rmatvec, or use a method that needs only matvec: "
+            "gmres, bicgstab, fixed_point, neumann, scipy.gmres"
+        )
+    if solver.needs_symmetric:
+        for name, op in (("A", A), ("M", M)):
+            if op is not None and op.symmetric is False:
+                raise ValueError(
+                    f"method {method!r} needs a symmetric (Hermitian) {'operator' if name == 'A' else 'preconditioner'}, "
+                    f"and {name} is known not to be one ({name}.symmetric is False); use gmres or "
+                    "bicgstab (products with A only), or cgne or lsqr (which also need A^H). If "
+                    f"{name} is in fact symmetric, set {name}.symmetric = True"
+                )
+    if batch_dims == 1 and not solver.batched_products:
+        for name, op in (("A", A), ("M", M)):
+            if op is not None and not op.rowwise:
+                alt = _OWN_ALTERNATIVE.get(method, "gmres")
+                raise ValueError(
+                    f"method {method!r} solves the systems of a batch one at a time with (n,) "
+                    f"vectors, so with batch_dims=1 it needs {name} to be known to act row by row "
+                    f"(a matrix), and {name} is not ({name!r} may act per system, as a batched "
+                    f"Jacobian does); use the package's own {alt!r}, or any of gmres, bicgstab, "
+                    "cg, minres, cgne, lsqr, fixed_point, neumann, which take (B, n) batches"
+                )
+
+
+def _empty_result(opts: SolveOptions, A, b, x_shape) -> SolveResult:
+    """The result of a solve with no unknowns, no equations or no systems: nothing to iterate."""
+    xp = _b.array_namespace(b)
+    batched = opts.batch_dims == 1
+    nsys = b.shape[0] if batched else 1
+    x = xp.zeros(x_shape, dtype=b.dtype, device=_b.device_of(b))
+    bnorm = _host(xp.linalg.vector_norm(b, axis=-1)).astype(float).reshape(nsys) if b.shape[-1] else np.zeros(nsys)
+    if opts.fixed_budget:
+        ok = np.ones(nsys, dtype=bool)
+        status = Status.COMPLETED
+    else:
+        thr = np.maximum((opts.rtol or 0.0) * bnorm, opts.atol or 0.0)
+        ok = bnorm <= thr
+        status = Status.CONVERGED
+    # x = 0 is all there is; where b is not met (A with no columns) it is a least-squares one.
+    statuses = tuple(status if o else Status.LEAST_SQUARES for o in ok)
+    worst = max(statuses, key=lambda s: s.code) if statuses else status
+    accept_ls = bool(opts.method_options.get("least_squares", False))
+    success = all(s.success or (accept_ls and s is Status.LEAST_SQUARES) for s in statuses)
+    converged = np.array([s is Status.CONVERGED for s in statuses], dtype=bool)
+    what = "no systems (an empty batch)" if nsys == 0 else f"an operator of shape {A.shape}"
+    message = f"{opts.method}: {worst.value} (nothing to iterate: {what}; 0 iterations)"
+    common = dict(
+        x=x, status=worst, success=bool(success), iterations=0, matvecs=0, rmatvecs=0,
+        message=message, method=opts.method, info={"empty": True},
+    )
+    if batched:
+        return SolveResult(
+            converged=converged, residual_norm=bnorm, residual_history=bnorm[None, :],
+            statuses=statuses, **common,
+        )
+    return SolveResult(
+        converged=bool(converged[0]), residual_norm=float(bnorm[0]), residual_history=bnorm,
+        statuses=None, **common,
+    )
+
+
+def _apply_policy(result: SolveResult, on_failure: str, stacklevel: int) -> None:
+    """Apply the failure policy; ``stacklevel`` 1 is the line calling this function."""
+    if result.success or on_failure == "ignore":
+        return
+    if on_failure == "raise":
+        raise SolveError(result)
+    if _warn_failure is not None:
+        _warn_failure(result, "linear solve", stacklevel=stacklevel + 1)
+    else:  # pragma: no cover - before the warnings module existed
+        result.warn_if_failed("linear solve", stacklevel=stacklevel + 1)
 
 
 def solve(
@@ -115,6 +398,7 @@ def solve(
     callback=None,
     throw: bool = False,
     *,
+    on_failure: str | None = None,
     batch_dims: int = 0,
     check_every: int = 1,
     divtol: float | None = 1e5,
@@ -122,13 +406,19 @@ def solve(
 ) -> SolveResult:
     """Solve ``A x = b`` (or the least-squares problem, for ``lsqr``-type methods).
 
+    Every argument is validated, and the method checked to be able to serve the operator,
+    before any product is applied; the first product of ``A``, ``A^H`` and ``M`` is checked
+    (an array of ``b``'s backend, device and dtype, of the right shape).
+
     Parameters
     ----------
     A : LinearOperator, array, sparse matrix or scipy LinearOperator
         The operator; anything :func:`aslinearoperator` accepts.
     b : array, shape (m,) or (B, m)
         The right-hand side, in any array-API backend (numpy, torch, cupy, ...). With
-        ``batch_dims=1`` each row is an independent system.
+        ``batch_dims=1`` each row is an independent system. float16 and bfloat16 are solved
+        with the iteration in float32 (each product casts to ``b``'s dtype, applies ``A`` and
+        casts back); ``res.x`` has ``b``'s dtype.
     method : str
         One of :func:`methods`, or ``"auto"`` (``gmres`` for square operators, which needs only
         products with ``A``; ``lsqr`` for rectangular ones).
@@ -143,13 +433,21 @@ def solve(
     maxiter : int, optional
         Iteration limit. Default ``min(10 n, 10000)``; required in fixed-budget mode.
     M : LinearOperator, matrix or callable, optional
-        Preconditioner (an approximation of ``A^{-1}``), for methods that accept one.
+        Preconditioner (an approximation of ``A^{-1}``), for methods that accept one. A
+        matrix must be ``(n, n)`` and of ``b``'s backend, device and dtype; a callable gets
+        and must return arrays of ``b``'s kind.
     callback : callable, optional
         Called as ``callback(iteration, x, residual_norm)`` after every iteration, with arrays
         in ``b``'s backend. ``x`` is the current iterate, or None for methods that do not form
         it every iteration (their docstrings say so).
     throw : bool
-        Raise :class:`SolveError` when the solve did not succeed.
+        Raise :class:`SolveError` when the solve did not succeed: an alias of
+        ``on_failure="raise"``.
+    on_failure : {"warn", "raise", "ignore"}, optional
+        What a solve that did not succeed does: issue a :class:`ConvergenceWarning`
+        (deduplicated per call site, see :func:`show_all_convergence_warnings`), raise
+        :class:`SolveError`, or nothing. Default None: ``"raise"`` with ``throw=True``, else
+        ``"ignore"`` (check ``res.success``).
     batch_dims : {0, 1}
         1 solves the independent systems ``A x_i = b_i`` for the rows of ``b`` at once; inner
         products, step sizes, tests and statuses are per system, and systems that have
@@ -166,13 +464,15 @@ def solve(
     Returns
     -------
     SolveResult
+        With no unknowns, no equations or no systems (``n = 0``, ``m = 0`` or an empty
+        batch) the solver is not called: ``x`` is an empty (or zero) array, 0 iterations.
 
     Raises
     ------
     TypeError, ValueError
-        For bad input; the message names the argument.
+        For bad input, before any work; the message names the argument.
     SolveError
-        When ``throw=True`` and the solve did not succeed.
+        When ``on_failure="raise"`` (or ``throw=True``) and the solve did not succeed.
 
     Examples
     --------
@@ -182,84 +482,91 @@ def solve(
     >>> res.status, np.allclose(A @ res.x, [1.0, 2.0])
     (<Status.CONVERGED: 'converged: the residual norm met max(rtol * ||b||, atol)'>, True)
     """
+    given = dict(
+        rtol=rtol, atol=atol, maxiter=maxiter, x0=x0, M=M, callback=callback, throw=throw,
+        on_failure=on_failure, batch_dims=batch_dims, check_every=check_every, divtol=divtol,
+    )
+    given.update(options)
+    v = check_options(method, given)
     A = aslinearoperator(A)
-    if batch_dims not in (0, 1) or isinstance(batch_dims, bool):
-        raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims!r}")
     if method == "auto":
         method = _resolve_auto(A)
     solver = get_method(method)
+    method_options = solver.check_options({k: v[k] for k in options})
+    batch_dims = v["batch_dims"]
     m, n = A.shape
-    if solver.needs_square and m != n:
-        raise ValueError(f"method {method!r} needs a square operator; A has shape {A.shape} (use lsqr)")
     A.check_vector(b, "b", m, batch_dims=batch_dims)
     xp = _b.array_namespace(b)
     if not _b.is_floating_dtype(xp, b.dtype):
         raise TypeError(f"b must have a floating dtype (float32, float64, complex), got {b.dtype}")
+    x_shape = tuple(b.shape[:-1]) + (n,)
     if x0 is not None:
         _check_same(x0, b, "x0")
-        if tuple(x0.shape) != tuple(b.shape[:-1]) + (n,):
-            raise ValueError(f"x0 must have shape {tuple(b.shape[:-1]) + (n,)}, got {tuple(x0.shape)}")
-    rtol = _check_tol(rtol, "rtol")
-    atol = _check_tol(atol, "atol")
-    if maxiter is None:
-        if rtol is None and atol is None:
-            raise ValueError("maxiter must be given in fixed-budget mode (rtol=None, atol=None)")
-        maxiter = solver.default_maxiter(n)
-    elif isinstance(maxiter, bool) or not isinstance(maxiter, numbers.Integral) or maxiter < 1:
-        raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 1:
-        raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
-    if divtol is not None:
-        divtol = _check_tol(divtol, "divtol")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    if solver.needs_rmatvec and not A.has_rmatvec:
-        raise ValueError(
-            f"method {method!r} needs products with A^H (rmatvec), which this operator lacks; "
-            "give the operator an rmatvec, or use a method that needs only matvec: "
-            "gmres, bicgstab, fixed_point, neumann, scipy.gmres"
-        )
-    psolve = None
-    if M is not None:
-        if not solver.accepts_preconditioner:
-            raise ValueError(f"method {method!r} does not accept a preconditioner M")
-        if callable(M) and not isinstance(M, LinearOperator):
-            M = LinearOperator((n, n), matvec=M)
-        else:
-            try:
-                M = aslinearoperator(M)
-            except TypeError:
-                raise TypeError(
-                    f"M must be a LinearOperator, a matrix or a callable, got {type(M).__name__}"
-                ) from None
-        if M.shape != (n, n):
-            raise ValueError(f"M must have shape {(n, n)}, got {M.shape}")
-        psolve = _batched_product(M._mv, batch_dims == 1)
-    options = solver.check_options(options)
-
+        if tuple(x0.shape) != x_shape:
+            raise ValueError(f"x0 must have shape {x_shape}, got {tuple(x0.shape)}")
+    M_op = _as_preconditioner(M, b, n) if M is not None else None
+    _refuse_unservable(method, solver, A, M_op, batch_dims)
+    maxiter = v["maxiter"] if v["maxiter"] is not None else solver.default_maxiter(n)
+    policy = v["on_failure"] or ("raise" if v["throw"] else "ignore")
+    opts = SolveOptions(
+        method=method, rtol=v["rtol"], atol=v["atol"], maxiter=int(maxiter), x0=x0, M=M_op,
+        callback=v["callback"], on_failure=policy, batch_dims=batch_dims,
+        check_every=v["check_every"], divtol=v["divtol"],
+        method_options=MappingProxyType(dict(method_options)),
+    )
     batched = batch_dims == 1
+    if m == 0 or n == 0 or (batched and b.shape[0] == 0):
+        result = _empty_result(opts, A, b, x_shape)
+        _apply_policy(result, policy, stacklevel=2)  # 2: the line that called solve()
+        return result
+    return _run(opts, solver, A, b, xp)
+
+
+def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp) -> SolveResult:
+    batched = opts.batch_dims == 1
+    # Half precision: iterate in float32 (inner products, norms and the small dense algebra
+    # of float16 lose the solve); the products still run in the operator's own dtype.
+    work = xp.float32 if _b.is_half_dtype(xp, b.dtype) else None
+    A_run = _FacadeOperator(A, "A", b, work)
+    M_run = None if opts.M is None else _FacadeOperator(opts.M, "M", b, work)
     B = b if batched else b[None, ...]
-    X0 = None if x0 is None else (x0 if batched else x0[None, ...])
-    if X0 is not None and not (rtol is None and atol is None):
+    X0 = opts.x0
+    if X0 is not None and not batched:
+        X0 = X0[None, ...]
+    callback = opts.callback
+    if work is not None:
+        B = xp.astype(B, work)
+        X0 = None if X0 is None else xp.astype(X0, work)
+        if callback is not None:
+            user_cb, low = callback, b.dtype
+
+            def callback(k, x, r):
+                user_cb(k, None if x is None else xp.astype(x, low), r)
+    if X0 is not None and not opts.fixed_budget:
         # As scipy does: x = 0 solves a system whose right-hand side is zero, and is what a
         # zero threshold max(rtol * 0, atol) can be met by; start such systems there.
         zero_b = xp.linalg.vector_norm(B, axis=-1) == 0
         if bool(xp.any(zero_b)):  # only then: x0 is otherwise passed on as given, not copied
             X0 = xp.where(zero_b[:, None], xp.zeros_like(X0), X0)
+    dtype = B.dtype
     prob = Problem(
-        xp=xp, A=A,
-        mv=_batched_product(A._mv, batched),
-        rmv=_batched_product(A._rmv, batched) if A.has_rmatvec else None,
-        psolve=psolve, b=B, x0=X0, rtol=rtol, atol=atol, maxiter=int(maxiter),
-        callback=callback, check_every=int(check_every), divtol=divtol, batched=batched,
-        options=options, dtype=b.dtype, real_dtype=_b.real_dtype(xp, b.dtype),
+        xp=xp, A=A_run,
+        # The checked products themselves, not the facade operator's methods: one call level
+        # fewer per product.
+        mv=_batched_product(A_run._fmv, batched),
+        rmv=_batched_product(A_run._frmv, batched) if A_run.has_rmatvec else None,
+        psolve=None if M_run is None else _batched_product(M_run._fmv, batched),
+        b=B, x0=X0, rtol=opts.rtol, atol=opts.atol, maxiter=opts.maxiter,
+        callback=callback, check_every=opts.check_every, divtol=opts.divtol, batched=batched,
+        options=dict(opts.method_options), dtype=dtype, real_dtype=_b.real_dtype(xp, dtype),
         device=_b.device_of(b),
     )
     mv0, rmv0 = A.matvec_count, A.rmatvec_count
-    out = solver.run(prob)
-    result = _to_result(out, prob, method, A.matvec_count - mv0, A.rmatvec_count - rmv0)
-    if throw and not result.success:
-        raise SolveError(result)
+    out = run_scaled(solver, prob)
+    if work is not None:
+        out.x = xp.astype(out.x, b.dtype)
+    result = _to_result(out, prob, opts.method, A.matvec_count - mv0, A.rmatvec_count - rmv0)
+    _apply_policy(result, opts.on_failure, stacklevel=3)  # 3: the line that called solve()
     return result
 
 
@@ -277,6 +584,7 @@ def _to_result(out, prob: Problem, method: str, matvecs: int, rmatvecs: int) -> 
     ok_ls = getattr(out, "accept_least_squares", False)
     success = bool(all(s.success or (ok_ls and s is Status.LEAST_SQUARES) for s in statuses))
     x = out.x if prob.batched else out.x[0, ...]
+    note = f"; {out.note}" if getattr(out, "note", "") else ""
     if prob.batched:
         counts = {}
         for s in statuses:
@@ -288,6 +596,7 @@ def _to_result(out, prob: Problem, method: str, matvecs: int, rmatvecs: int) -> 
         )
         if not success:
             message += f"; {worst.value}"
+        message += note
         return SolveResult(
             x=x, status=worst, converged=converged, success=success, iterations=out.iterations,
             matvecs=matvecs, rmatvecs=rmatvecs, residual_norm=rnorm, residual_history=history,
@@ -297,7 +606,7 @@ def _to_result(out, prob: Problem, method: str, matvecs: int, rmatvecs: int) -> 
     thr_txt = "" if thr is None else f", threshold {float(_host(thr)[0]):.3e}"
     message = (
         f"{method}: {worst.value} (after {out.iterations} iterations, residual norm "
-        f"{rnorm[0]:.3e}{thr_txt})"
+        f"{rnorm[0]:.3e}{thr_txt}){note}"
     )
     return SolveResult(
         x=x, status=worst, converged=bool(converged[0]), success=success,

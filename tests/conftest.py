@@ -6,6 +6,16 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_convergence_warnings():
+    """Each test sees ConvergenceWarnings as a fresh process would: the deduplication
+    counts of one test do not hide the warnings another test expects."""
+    import linsolve_rbp
+
+    linsolve_rbp.reset_convergence_warnings()
+    yield
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 

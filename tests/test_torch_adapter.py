@@ -19,6 +19,17 @@ from linsolve_rbp.adapters import torch as lrt  # noqa: E402
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warning_counts():
+    """Convergence warnings are deduplicated per call site: each test starts with fresh
+    counts (a parametrised test calls from one line) and the default setting."""
+    lr.reset_convergence_warnings()
+    previous = lr.show_all_convergence_warnings(False)
+    yield
+    lr.show_all_convergence_warnings(previous)
+    lr.reset_convergence_warnings()
+
+
 def _has_solver(name):
     return importlib.util.find_spec(f"linsolve_rbp.solvers.{name}") is not None
 
@@ -310,6 +321,316 @@ def test_forward_failure_policy():
     assert info.forward.status is lr.Status.COMPLETED
     with pytest.warns(lr.ConvergenceWarning, match="non-finite|nonfinite"):
         lrt.fixed_point(lambda h: 10.0 * h + 1e300, h0, forward_maxiter=50)
+
+
+# -- deduplicated warnings -------------------------------------------------------------------
+def _convergence_warnings(record):
+    return [w for w in record if issubclass(w.category, lr.ConvergenceWarning)]
+
+
+def test_warn_failure_first_in_full_then_periodic_counts():
+    from linsolve_rbp._warnings import warn_failure
+
+    failed = lr.SolveResult(
+        x=None, status=lr.Status.MAX_ITERATIONS, converged=False, success=False, iterations=3,
+        matvecs=3, rmatvecs=0, residual_norm=1.0, residual_history=None, message="it failed",
+        method="gmres",
+    )
+    ok = lr.SolveResult(
+        x=None, status=lr.Status.CONVERGED, converged=True, success=True, iterations=3,
+        matvecs=3, rmatvecs=0, residual_norm=0.0, residual_history=None, message="fine",
+        method="gmres",
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        shown = [warn_failure(failed, "my solve", stacklevel=1) for _ in range(1000)]
+        assert not warn_failure(ok, "my solve", stacklevel=1)
+    got = _convergence_warnings(record)
+    assert [i + 1 for i, s in enumerate(shown) if s] == [1, 10, 100, 1000]
+    assert len(got) == 4
+    assert all(w.filename == __file__ for w in got)  # attributed to the calling line
+    assert str(got[0].message).startswith("my solve: it failed")
+    assert "show_all_convergence_warnings(True)" in str(got[0].message)
+    assert "8 similar warnings suppressed" in str(got[1].message)
+    assert "89 similar warnings suppressed" in str(got[2].message)
+    assert "899 similar warnings suppressed" in str(got[3].message)
+    # Another context (or another line) is another key; reset starts over; show_all shows all.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warn_failure(failed, "other solve", stacklevel=1)
+        for _ in range(2):
+            warn_failure(failed, "my solve", stacklevel=1)  # a new line: shown once
+        lr.reset_convergence_warnings()
+        warn_failure(failed, "my solve", stacklevel=1)
+        assert lr.show_all_convergence_warnings(True) is False
+        for _ in range(5):
+            warn_failure(failed, "my solve", stacklevel=1)
+    texts = [str(w.message) for w in _convergence_warnings(record)]
+    assert len(texts) == 1 + 1 + 1 + 5 and texts[0].startswith("other solve: it failed")
+    assert texts[-1] == "my solve: it failed"  # in full, no count line
+    with pytest.raises(TypeError, match="enable"):
+        lr.show_all_convergence_warnings("yes")
+
+
+def test_training_loop_warnings_are_deduplicated():
+    """The repro: a DEQ whose backward fails at every step warned 39 times in 40 steps."""
+    f, h_star, params = _repelling_linear_map()
+    opt = torch.optim.SGD(params, lr=0.0)  # the weights stay where the solve fails
+
+    def train(steps):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                h = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD)
+                opt.zero_grad()
+                h.sum().backward()
+                opt.step()
+        return _convergence_warnings(record)
+
+    got = train(40)
+    assert len(got) == 2  # the first, and the 10th with the count of the 8 suppressed
+    assert "diverged" in str(got[0].message) and "8 similar warnings suppressed" in str(got[1].message)
+    assert all(w.filename == __file__ for w in got)  # they point at the fixed_point call
+    assert all(torch.isfinite(p.grad).all() for p in params)
+    lr.show_all_convergence_warnings(True)
+    assert len(train(40)) == 40
+    # implicit_grad in a loop: deduplicated the same way.
+    lr.show_all_convergence_warnings(False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(40):
+            lrt.implicit_grad(f, h_star, torch.ones(4, dtype=F64), params, **BAD_BACKWARD)
+    assert len(_convergence_warnings(record)) == 2
+
+
+# -- non-finite gradients of fixed_point --------------------------------------------------------
+def _sqrt_at_zero():
+    """``f(h) = 0.5 h + sqrt(p)`` at ``p = 0``: the fixed point is fine, ``df/dp`` is inf."""
+    p = torch.zeros(3, dtype=F64, requires_grad=True)
+    return (lambda h: 0.5 * h + torch.sqrt(p)), p
+
+
+def _no_hooks_left(*tensors):
+    return all(not t._backward_hooks for t in tensors)
+
+
+def test_fixed_point_nonfinite_gradient_warns_and_zeroes_like_implicit_grad():
+    for policy in ("warn", "ignore"):  # implicit_grad warns about non-finite gradients even with "ignore"
+        lr.reset_convergence_warnings()
+        f, p = _sqrt_at_zero()
+        h = lrt.fixed_point(f, torch.zeros(3, dtype=F64), on_failure=policy)
+        with pytest.warns(lr.ConvergenceWarning, match="non-finite") as record:
+            h.sum().backward()
+        assert len(_convergence_warnings(record)) == 1
+        assert torch.equal(p.grad, torch.zeros(3, dtype=F64))
+        assert _no_hooks_left(p)
+        with pytest.warns(lr.ConvergenceWarning, match="non-finite"):
+            (want,), _ = lrt.implicit_grad(f, h.detach(), torch.ones(3, dtype=F64), [p], on_failure=policy)
+        assert torch.equal(want, p.grad)
+    # The parameter may sit upstream of f (an encoder's output): its gradient is checked too.
+    q = torch.zeros(3, dtype=F64, requires_grad=True)
+    W = torch.full((3,), 0.5, dtype=F64, requires_grad=True)
+    u = torch.sqrt(q)
+    h = lrt.fixed_point(lambda h: W * h + u, torch.zeros(3, dtype=F64))
+    with pytest.warns(lr.ConvergenceWarning, match="non-finite"):
+        torch.autograd.grad(h.sum(), [q, W])  # autograd.grad as well as backward()
+    assert _no_hooks_left(q, W)
+
+
+def test_fixed_point_nonfinite_gradient_raises():
+    f, p = _sqrt_at_zero()
+    h = lrt.fixed_point(f, torch.zeros(3, dtype=F64), on_failure="raise")
+    with pytest.raises(lr.SolveError, match="non-finite") as err:
+        h.sum().backward()
+    assert err.value.result.success  # the solve was fine; the gradient is not
+    assert p.grad is None and _no_hooks_left(p)
+    with pytest.raises(lr.SolveError, match="non-finite"):
+        lrt.implicit_grad(f, h.detach(), torch.ones(3, dtype=F64), [p], on_failure="raise")
+
+
+def test_fixed_point_finite_gradient_check_changes_nothing_and_leaves_no_hook():
+    model = TanhRNN()
+    h = lrt.fixed_point(model.f, torch.zeros(model.hshape, dtype=F64), forward_maxiter=500,
+                        forward_tol=1e-14, backward=dict(ACCURATE["neumann"], method="neumann"))
+    g = torch.ones(model.hshape, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (h * g).sum().backward(retain_graph=True)
+        (h * g).sum().backward()  # a second pass through the same call
+    for p, want in zip(model.params, _exact_grads(model, h.detach(), g)):
+        assert _rel(p.grad, 2 * want) < 1e-9
+    assert _no_hooks_left(*model.params)
+    # A pass that ends in an exception leaves no hook that acts on a later pass.
+    h = lrt.fixed_point(model.f, torch.zeros(model.hshape, dtype=F64), backward={"method": "neumann"})
+
+    def boom(grad):
+        raise KeyError("boom")
+
+    model.params[0].register_hook(boom)
+    with pytest.raises(KeyError):
+        h.sum().backward()
+    model.params[0]._backward_hooks.clear()
+    for p in model.params:
+        p.grad = None
+    before = model.params[1].grad
+    (model.params[1] * float("inf")).sum().backward()  # not through fixed_point: left alone
+    assert before is None and torch.isinf(model.params[1].grad).all()
+    assert _no_hooks_left(*model.params)
+
+
+# -- released Jacobians and structure ---------------------------------------------------------
+@pytest.mark.parametrize("jvp", ["forward", "double_backward"])
+def test_released_jacobian_raises_on_every_product(jvp):
+    model = TanhRNN()
+    h = _fixed_point(model)
+    J = lrt.JacobianOperator(model.f, h, jvp=jvp)
+    v = torch.ones(6, dtype=F64)
+    J @ v, J.T @ v  # noqa: B018 - products work before release
+    J.release()
+    assert J.released
+    for product in (lambda: J @ v, lambda: J.T @ v, lambda: J.matvec(v), lambda: J.rmatvec(v),
+                    lambda: J.vjp_params(v, model.params)):
+        with pytest.raises(RuntimeError, match="released"):
+            product()
+    # The solve that used to report CONVERGED with z = v now fails loudly.
+    A = lr.IdentityOperator(6, like=v) - J.T
+    with pytest.raises(RuntimeError, match="released"):
+        lr.solve(A, v, method="gmres")
+    J.release()  # releasing twice is harmless
+
+
+def test_jacobian_operator_is_tagged_non_symmetric():
+    model = Hopfield()  # even where J happens to be close to symmetric, it is not known to be
+    h = _fixed_point(model)
+    J = lrt.JacobianOperator(model.f, h)
+    assert J.symmetric is False
+    A = lr.IdentityOperator(J.shape[0], like=h) - J.T
+    assert A.symmetric is False
+    for method in ("cg", "minres"):
+        with pytest.raises(ValueError, match="symmetric"):
+            lr.solve(A, torch.ones_like(h), method=method)
+    assert J.rmatvec_count == 0  # refused up front, before any product
+
+
+# -- options validated at the call ------------------------------------------------------------
+def test_backward_options_validated_at_the_fixed_point_call():
+    model = TanhRNN()
+    h0 = torch.zeros(model.hshape, dtype=F64)
+    calls = [0]
+
+    def f(h):
+        calls[0] += 1
+        return model.f(h)
+
+    with pytest.raises(TypeError, match=r"restrat.*did you mean 'restart'"):
+        lrt.fixed_point(f, h0, backward={"rtol": -1, "restrat": 5})
+    with pytest.raises(ValueError, match="rtol"):
+        lrt.fixed_point(f, h0, backward={"rtol": -1})
+    with pytest.raises(TypeError, match="tol") as err:
+        lrt.fixed_point(f, h0, backward={"method": "gmres", "tol": 1e-5})
+    for name in ("rtol", "atol", "maxiter", "check_every", "restart"):
+        assert name in str(err.value)  # every accepted option is listed, not only restart
+    assert "did you mean 'rtol'" in str(err.value)
+    with pytest.raises(ValueError, match="did you mean 'gmres'"):
+        lrt.fixed_point(f, h0, backward={"method": "gmers"})
+    with pytest.raises(ValueError, match="restart"):
+        lrt.fixed_point(f, h0, backward={"method": "gmres", "restart": 0})
+    with pytest.raises(ValueError, match="jvp"):
+        lrt.fixed_point(f, h0, backward={"jvp": "sideways"})
+    for key in ("throw", "on_failure"):
+        with pytest.raises(ValueError, match=key):
+            lrt.fixed_point(f, h0, backward={key: "raise"})
+    assert calls[0] == 0  # refused before any work
+    # implicit_grad validates method and options before evaluating f.
+    h = _fixed_point(model)
+    with pytest.raises(ValueError, match="did you mean 'gmres'"):
+        lrt.implicit_grad(f, h, torch.ones_like(h), model.params, method="gmers")
+    with pytest.raises(TypeError, match=r"'tol'.*did you mean 'rtol'.*check_every"):
+        lrt.implicit_grad(f, h, torch.ones_like(h), model.params, tol=1e-5)
+    with pytest.raises(ValueError, match="maxiter"):
+        lrt.implicit_grad(f, h, torch.ones_like(h), model.params, rtol=None, atol=None)
+    assert calls[0] == 0
+    # The backward pass still honours on_failure with valid options.
+    h = lrt.fixed_point(model.f, h0, backward={"method": "gmres", "rtol": 1e-10, "maxiter": 1},
+                        on_failure="raise")
+    with pytest.raises(lr.SolveError):
+        h.sum().backward()
+
+
+# -- half precision and autocast ---------------------------------------------------------------
+def _small_deq(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(8, 8, generator=g)
+    W = (0.5 * W / torch.linalg.matrix_norm(W, 2)).to(dtype).requires_grad_()
+    x = torch.randn(4, 8, generator=g).to(dtype)
+    return W, x
+
+
+def test_fixed_point_under_autocast_trains_like_float32():
+    W, x = _small_deq()
+    f = lambda h: torch.tanh(h @ W.T + x)  # noqa: E731
+    backward = {"method": "gmres", "rtol": 1e-2}  # bfloat16 products: ~1e-3 relative rounding
+
+    def step(autocast):
+        W.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h, info = lrt.fixed_point(f, torch.zeros(4, 8), forward_tol=1e-3, backward=backward,
+                                      on_failure="raise", return_info=True)
+            assert h.dtype == torch.float32  # the state's dtype, not bfloat16
+            loss = h.square().sum()
+        loss.backward()
+        assert info.backward.success and info.backward.x.dtype == torch.float32
+        return W.grad.clone()
+
+    g32 = step(False)
+    gbf = step(True)
+    assert torch.isfinite(gbf).all()
+    assert _rel(gbf, g32) < 3e-2
+    # f really ran in bfloat16: the gradient is not the float32 one to float32 rounding.
+    assert _rel(gbf, g32) > 1e-6
+    # One optimiser step under autocast moves W like the float32 step.
+    opt = torch.optim.SGD([W], lr=0.1)
+    with torch.no_grad():
+        before = W.clone()
+    opt.step()
+    assert _rel(W.detach() - before, -0.1 * gbf) < 1e-6
+    # The Jacobian operator itself, built under autocast, keeps the state's dtype.
+    h = torch.zeros(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        J = lrt.JacobianOperator(f, h, jvp="forward")
+    v = torch.ones(32)
+    assert J.dtype == torch.float32 and (J @ v).dtype == torch.float32 and (J.T @ v).dtype == torch.float32
+
+
+def test_dtype_mismatch_outside_autocast_still_rejected():
+    h = torch.zeros(3)
+    with pytest.raises(TypeError, match="dtype"):
+        lrt.fixed_point(lambda h: h.to(torch.bfloat16), h)
+    with pytest.raises(TypeError, match="dtype"):
+        lrt.JacobianOperator(lambda h: h.double(), h)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="dtype"):
+        lrt.JacobianOperator(lambda h: h.double(), h)  # higher precision is not autocast's doing
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_states(dtype):
+    W, x = _small_deq(dtype)
+    f = lambda h: torch.tanh(h @ W.T + x)  # noqa: E731
+    W32, x32 = _small_deq(torch.float32)
+    f32 = lambda h: torch.tanh(h @ W32.T + x32)  # noqa: E731
+    h32 = lrt.fixed_point(f32, torch.zeros(4, 8), forward_tol=1e-6)
+    h32.sum().backward()
+    h, info = lrt.fixed_point(f, torch.zeros(4, 8, dtype=dtype), forward_tol=1e-2,
+                              backward={"method": "gmres", "rtol": 1e-2}, on_failure="raise",
+                              return_info=True)
+    assert h.dtype == dtype
+    h.float().sum().backward()
+    assert W.grad.dtype == dtype and torch.isfinite(W.grad).all()
+    assert _rel(W.grad.float(), W32.grad) < 5e-2
+    hs = h.detach()
+    (gW,), res = lrt.implicit_grad(f, hs, torch.ones_like(hs), [W], rtol=1e-2, on_failure="raise")
+    assert res.success and res.x.dtype == dtype and gW.dtype == dtype
+    assert _rel(gW.float(), W32.grad) < 5e-2
 
 
 # -- nn.Module inside a larger graph --------------------------------------------------------

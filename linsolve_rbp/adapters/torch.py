@@ -26,9 +26,11 @@ used by :func:`fixed_point`).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import numbers
+import sys
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,8 +38,10 @@ import numpy as np
 import torch
 
 from .. import backend as _b
-from .._result import ConvergenceWarning, SolveError, SolveResult, Status
+from .._result import SolveError, SolveResult, Status
+from .._warnings import warn_failure
 from ..operators import IdentityOperator, LinearOperator, OperatorMismatchError
+from ..solve import check_options as _check_options
 from ..solve import solve as _solve
 
 __all__ = [
@@ -82,7 +86,27 @@ def _check_policy(on_failure):
         raise ValueError(f"on_failure must be one of {', '.join(map(repr, _POLICIES))}; got {on_failure!r}")
 
 
+def _autocast_state(device):
+    """``(device_type, dtype)`` of the autocast region active for ``device``, or None."""
+    device_type = torch.device(device).type
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return device_type, torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know
+        return None
+    return None
+
+
+def _autocast(state):
+    """Re-enter the autocast region ``state`` (from :func:`_autocast_state`); a no-op for None."""
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state[0], dtype=state[1])
+
+
 def _check_f_output(out, h):
+    """Check that ``f(h)`` is a tensor like ``h``; return it, cast to ``h``'s dtype where
+    autocast made it lower precision."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
     if out.shape != h.shape:
@@ -91,15 +115,37 @@ def _check_f_output(out, h):
             f"{tuple(out.shape)} but h has shape {tuple(h.shape)}"
         )
     if out.dtype != h.dtype:
+        # Under torch.autocast, f's operations run in low precision and return, say, bfloat16
+        # for a float32 state; the state (and the adjoint solve) keep the state's dtype, so
+        # the output is cast back, differentiably. Outside autocast a dtype change is a bug.
+        if (
+            out.dtype.is_floating_point
+            and torch.finfo(out.dtype).bits < torch.finfo(h.dtype).bits
+            and _autocast_state(h.device) is not None
+        ):
+            return out.to(h.dtype)
         raise TypeError(f"f(h) has dtype {out.dtype} but h has dtype {h.dtype}; they must agree")
+    return out
 
 
-def _apply_policy(result: SolveResult, on_failure: str, context: str, stacklevel: int = 3):
+def _apply_policy(result: SolveResult, on_failure: str, context: str, stacklevel: int = 3, location=None):
+    """The failure policy: nothing on success or ``"ignore"``, SolveError on ``"raise"``,
+    otherwise a deduplicated ConvergenceWarning (see :func:`linsolve_rbp._warnings.warn_failure`);
+    ``stacklevel`` counts as for :func:`warnings.warn` from this function."""
     if result.success or on_failure == "ignore":
         return
     if on_failure == "raise":
         raise SolveError(result, context)
-    warnings.warn(f"{context}: {result.message}", ConvergenceWarning, stacklevel=stacklevel)
+    warn_failure(result, context, stacklevel=stacklevel, location=location)
+
+
+def _call_site(depth):
+    """``(filename, lineno, module)`` of the frame ``depth`` levels above the caller."""
+    try:
+        frame = sys._getframe(depth + 1)
+    except ValueError:
+        return None
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals.get("__name__", "")
 
 
 # -- the Jacobian as an operator ------------------------------------------------------------
@@ -152,15 +198,25 @@ class JacobianOperator(LinearOperator):
     ------
     TypeError
         If ``h`` is not a real floating dense tensor or ``f`` does not return a tensor of the
-        dtype of ``h``.
+        dtype of ``h`` (under :func:`torch.autocast`, a lower-precision floating output is
+        accepted and cast to the dtype of ``h``).
     ValueError
         If ``f(h)`` has another shape than ``h``, or ``jvp`` / ``batch_dims`` are invalid.
+    RuntimeError
+        From any product after :meth:`release`.
 
     Notes
     -----
     Memory is constant in the number of products: the record (and, for double backward, the
     graph of one VJP) is kept once, and products are returned detached, so an outer autograd
     graph does not record them. Call :meth:`release` to free the record early.
+
+    The operator is tagged ``symmetric=False``: a Jacobian is not symmetric in general, so
+    :func:`linsolve_rbp.solve` refuses cg and minres on ``I - J.T`` up front.
+
+    Constructed inside a :func:`torch.autocast` region, the operator records ``f`` there (and
+    re-enters the region for forward-mode JVPs); ``f``'s output is cast to the dtype of ``h``,
+    which is the operator's dtype.
 
     With ``batch_dims=1``, ``f`` must treat samples independently (no batch normalisation in
     training mode, no attention across the batch); the operator then equals every diagonal
@@ -191,11 +247,13 @@ class JacobianOperator(LinearOperator):
         self._jvp_request = jvp
         self.jvp_mode = None if jvp == "auto" else jvp
         self._dbl = None
+        self._released = False
+        # Forward-mode JVPs evaluate f again: under the autocast region f was recorded in.
+        self._autocast = _autocast_state(h.device)
         self._h = h.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             out = f(self._h)
-        _check_f_output(out, h)
-        self.output = out
+        self.output = _check_f_output(out, h)
         self.f_evals = 1
         if batch_dims == 1:
             self.nbatch = h.shape[0]
@@ -203,7 +261,14 @@ class JacobianOperator(LinearOperator):
         else:
             self.nbatch = None
             m = h.numel()
-        self._setup((m, m), dtype=h.dtype, xp=_b.array_namespace(h), device=h.device, backend="torch")
+        setup = dict(dtype=h.dtype, xp=_b.array_namespace(h), device=h.device, backend="torch")
+        # A Jacobian is in general not symmetric: tag it, so that solve refuses cg / minres on
+        # I - J^T up front instead of running them to their iteration limit.
+        if "symmetric" in inspect.signature(self._setup).parameters:
+            self._setup((m, m), symmetric=False, **setup)
+        else:
+            self._setup((m, m), **setup)
+            self.symmetric = False
 
     def __repr__(self):
         return (
@@ -227,6 +292,14 @@ class JacobianOperator(LinearOperator):
         return torch.stack([apply(x[i, ...].reshape(self.state_shape)).reshape(m) for i in range(x.shape[0])])
 
     # -- products ---------------------------------------------------------------------------------
+    def _check_alive(self, what):
+        if self._released:
+            raise RuntimeError(
+                f"{what} of a released JacobianOperator: release() freed the recorded "
+                "evaluation of f, so no product with J or J^T is available any more; build a "
+                "new JacobianOperator(f, h)"
+            )
+
     def _vjp(self, u):
         if not self.output.requires_grad:
             return torch.zeros_like(u)
@@ -235,12 +308,12 @@ class JacobianOperator(LinearOperator):
 
     def _jvp_forward(self, v):
         h = self._h.detach()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(self._autocast):
             out, t = torch.func.jvp(self.f, (h,), (v,))
         self.f_evals += 1
         if not isinstance(t, torch.Tensor) or t.shape != h.shape:
             raise ValueError("forward-mode JVP of f returned an unexpected value")
-        return t.detach()
+        return t.detach().to(h.dtype)
 
     def _jvp_double_backward(self, v):
         if self._dbl is None:
@@ -273,9 +346,11 @@ class JacobianOperator(LinearOperator):
         return out
 
     def _matvec(self, x):
+        self._check_alive("J @ v (a Jacobian-vector product)")
         return self._rows(x, self._jvp)
 
     def _rmatvec(self, x):
+        self._check_alive("J.T @ u (a vector-Jacobian product)")
         return self._rows(x, self._vjp)
 
     # -- parameters ------------------------------------------------------------------------------
@@ -296,6 +371,7 @@ class JacobianOperator(LinearOperator):
         tuple of torch.Tensor
             One gradient per parameter, zeros for parameters ``f`` does not use.
         """
+        self._check_alive("vjp_params")
         params = _as_params(params)
         z = z.reshape(self.state_shape).to(dtype=self.output.dtype)
         if self.output.requires_grad and params:
@@ -309,9 +385,16 @@ class JacobianOperator(LinearOperator):
         return tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads))
 
     def release(self) -> None:
-        """Free the recorded graph; products are no longer available afterwards."""
+        """Free the recorded graph. Any later product (``J @ v``, ``J.T @ u``,
+        :meth:`vjp_params`) raises RuntimeError; releasing twice is harmless."""
         self.output = self.output.detach()
         self._dbl = None
+        self._released = True
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` freed the record (no products are available then)."""
+        return self._released
 
 
 def _as_params(params):
@@ -330,6 +413,23 @@ def _as_params(params):
                 "it; call requires_grad_() on it before evaluating f"
             )
     return params
+
+
+def _check_solve_options(method, options, where=None):
+    """Validate a method name and its solve options before any work (``where``, if given,
+    names the argument in messages); returns the options to pass to :func:`linsolve_rbp.solve`."""
+    if where is None:
+        return dict(_check_options(method, dict(options)))
+    try:
+        return dict(_check_options(method, dict(options)))
+    except (TypeError, ValueError) as exc:
+        msg = f"{where}: {exc}"
+        if "unknown option" in msg:
+            msg += (
+                f" (in {where}, 'method' and 'jvp' are accepted too; x0, batch_dims, throw and "
+                "on_failure are set by fixed_point)"
+            )
+        raise type(exc)(msg) from None
 
 
 def _flat(t, batch_dims):
@@ -383,7 +483,8 @@ def implicit_grad(
         Initial guess for ``z`` (a warm start), state-shaped or flat.
     **solve_options
         Passed to :func:`linsolve_rbp.solve` (``rtol``, ``atol``, ``maxiter``, ``callback``,
-        ``check_every``, ``divtol``, method options). ``rtol=None, atol=None, maxiter=K``
+        ``check_every``, ``divtol``, method options), validated with ``method`` before ``f``
+        is evaluated. ``rtol=None, atol=None, maxiter=K``
         runs a fixed budget: with ``method="neumann"`` that is Neumann-RBP with ``K + 1``
         terms, with ``method="fixed_point"`` it is RBP (Algorithms 2 and 1 of Liao et al.,
         2018).
@@ -435,6 +536,7 @@ def implicit_grad(
             f"h_star ({h_star.dtype} on {h_star.device})"
         )
     params = _as_params(params)
+    solve_options = _check_solve_options(method, solve_options)  # before f is evaluated
     J = JacobianOperator(f, h_star, jvp=jvp, batch_dims=batch_dims)
     b = _flat(grad_h.detach(), batch_dims)
     if x0 is not None:
@@ -450,17 +552,26 @@ def implicit_grad(
     return _finite_grads(grads, result, on_failure, "implicit_grad"), result
 
 
+def _nonfinite_error(result, message):
+    """A SolveError whose text is ``message`` (the solve may have converged: what failed is the
+    gradient, so "with method ... failed" would mislead)."""
+    err = SolveError(result, message)
+    err.args = (message,)
+    return err
+
+
 def _finite_grads(grads, result, on_failure, context):
     bad = [i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all())]
     if not bad:
         return grads
     msg = (
-        f"{context}: the gradient of params {bad} has non-finite entries (adjoint solve: "
+        f"the gradient of params {bad} has non-finite entries (adjoint solve: "
         f"{result.message}); f or its derivative is not finite at the fixed point"
     )
     if on_failure == "raise":
-        raise SolveError(result, msg)
-    warnings.warn(msg + "; those entries were set to zero", ConvergenceWarning, stacklevel=3)
+        raise _nonfinite_error(result, f"{context}: {msg}")
+    # stacklevel 3: this function, implicit_grad, the caller of implicit_grad.
+    warn_failure(result, context, message=msg + "; those entries were set to zero", stacklevel=3)
     return tuple(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) if i in bad else g for i, g in enumerate(grads))
 
 
@@ -543,20 +654,20 @@ def _forward_iterate(f, h0, maxiter, tol, batch_dims):
     history = []
     status = None
     k = 0
+    # Norms of half-precision states are accumulated in float32 (and reported as floats).
+    ndtype = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else None
     with torch.no_grad():
         for k in range(1, maxiter + 1):
-            h_new = f(h)
-            if k == 1:
-                _check_f_output(h_new, h0)
+            h_new = _check_f_output(f(h), h0)
             step = _flat(h_new - h, batch_dims)
-            dnorm = torch.linalg.vector_norm(step, dim=-1)
+            dnorm = torch.linalg.vector_norm(step, dim=-1, dtype=ndtype)
             history.append(dnorm)
             h = h_new
             if not bool(torch.isfinite(dnorm).all()):
                 status = Status.NONFINITE
                 break
             if tol is not None:
-                hnorm = torch.linalg.vector_norm(_flat(h, batch_dims), dim=-1)
+                hnorm = torch.linalg.vector_norm(_flat(h, batch_dims), dim=-1, dtype=ndtype)
                 if bool((dnorm <= tol * torch.clamp(hnorm, min=1.0)).all()):
                     status = Status.CONVERGED
                     break
@@ -603,37 +714,142 @@ class _ZeroGradTo(torch.autograd.Function):
         return gy, torch.zeros(shape, dtype=dtype, device=device)
 
 
+def _graph_leaves(output, exclude):
+    """The leaf tensors (AccumulateGrad nodes' ``.variable``) that ``output``'s graph reaches,
+    except ``exclude``."""
+    leaves, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            if variable is not exclude:
+                leaves.append(variable)
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+def _graph_task_id():
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else None
+
+
+class _FiniteGradGuard:
+    """Checks the gradients that one backward pass through a fixed-point layer gives the leaf
+    tensors ``f`` closes over, as :func:`implicit_grad` checks its own: non-finite entries
+    raise SolveError under ``on_failure="raise"`` and otherwise are set to zero with one
+    (deduplicated) ConvergenceWarning, even under ``"ignore"``.
+
+    Why one-shot tensor hooks on the leaves rather than computing ``z^T df/dp`` in the adjoint
+    hook: that VJP would be computed twice (once by us, once by autograd through the graph of
+    ``f(h*)``), and it would reach into everything upstream of ``f`` (an encoder), a full
+    second backward of the model; a leaf hook sees the very gradient autograd is about to
+    accumulate, at no extra product. The hooks are removed when they fire, when the backward
+    pass ends (a callback queued on the autograd engine), and, should that pass have ended in
+    an exception, by a hook that fires in a later pass (it checks the pass's id), so none is
+    left behind. A leaf also used outside ``f`` is checked on its total gradient.
+    """
+
+    def __init__(self, leaves, result, on_failure, location):
+        self.result = result
+        self.on_failure = on_failure
+        self.location = location
+        self.task = _graph_task_id()
+        self.bad = []
+        self.handles = {i: leaf.register_hook(self._hook_for(i, leaf)) for i, leaf in enumerate(leaves)}
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def _remove(self):
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles = {}
+
+    def _hook_for(self, index, leaf):
+        shape = tuple(leaf.shape)
+
+        def hook(grad):
+            if self.task is not None and _graph_task_id() != self.task:
+                self._remove()  # left over from a pass that ended in an exception
+                return None
+            handle = self.handles.pop(index, None)
+            if handle is not None:
+                handle.remove()
+            if grad is None or bool(torch.isfinite(grad).all()):
+                return None
+            if self.on_failure == "raise":
+                self._remove()
+                raise _nonfinite_error(
+                    self.result,
+                    f"fixed_point backward: the gradient of a tensor of shape {shape} that f "
+                    f"closes over has non-finite entries (adjoint solve: {self.result.message}); "
+                    "f or its derivative is not finite at the fixed point",
+                )
+            self.bad.append(shape)
+            return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+        return hook
+
+    def _finish(self):
+        self._remove()
+        if self.bad:
+            shapes = ", ".join(str(s) for s in self.bad)
+            warn_failure(
+                self.result,
+                "fixed_point backward",
+                message=(
+                    f"the gradient of {len(self.bad)} tensor(s) f closes over (shapes {shapes}) "
+                    f"has non-finite entries (adjoint solve: {self.result.message}); f or its "
+                    "derivative is not finite at the fixed point; those entries were set to zero"
+                ),
+                location=self.location,
+                stacklevel=2,
+            )
+
+
 class _AdjointHook:
     """Replaces the gradient ``g`` arriving at ``f(h*)`` by the solution ``z`` of
     ``(I - J^T) z = g``; autograd then carries ``z`` through the graph of ``f`` to everything
     ``f`` closes over."""
 
-    def __init__(self, f, h_star, backward, on_failure, warm, batch_dims, info):
+    def __init__(self, f, h_star, method, jvp, options, on_failure, warm, batch_dims, info,
+                 location=None, autocast=None):
         self.f = f
         self.h_star = h_star
-        self.options = dict(backward)
-        self.method = self.options.pop("method", "gmres")
-        self.jvp = self.options.pop("jvp", "auto")
+        self.method = method
+        self.jvp = jvp
+        self.options = options
         self.on_failure = on_failure
         self.warm = warm
         self.batch_dims = batch_dims
         self.info = info
+        self.location = location  # the line that called fixed_point: warnings point there
+        self.autocast = autocast  # the autocast region fixed_point ran f in, re-entered for J
 
     def __call__(self, g):
         if g is None:  # an undefined gradient (no loss depends on the output) stays undefined
             return None
         b = _flat(g.detach(), self.batch_dims).to(self.h_star.dtype)
-        J = JacobianOperator(self.f, self.h_star, jvp=self.jvp, batch_dims=self.batch_dims)
+        with _autocast(self.autocast):
+            J = JacobianOperator(self.f, self.h_star, jvp=self.jvp, batch_dims=self.batch_dims)
         A = IdentityOperator(J.shape[0], like=b) - J.T
         x0 = self.warm.get(b) if self.warm is not None else None
-        result = _solve(A, b, method=self.method, x0=x0, batch_dims=self.batch_dims, **self.options)
-        J.release()
+        try:
+            result = _solve(A, b, method=self.method, x0=x0, batch_dims=self.batch_dims, **self.options)
+            leaves = _graph_leaves(J.output, J._h) if J.output.requires_grad else []
+        finally:
+            J.release()
         self.info.backward = result
         self.info.backward_results.append(result)
         _LAST.result = result
-        _apply_policy(result, self.on_failure, "fixed_point backward (adjoint solve)", stacklevel=2)
+        _apply_policy(result, self.on_failure, "fixed_point backward (adjoint solve)", stacklevel=2,
+                      location=self.location)
         if self.warm is not None:
             self.warm.store(result.x)
+        if leaves:
+            _FiniteGradGuard(leaves, result, self.on_failure, self.location)
         return result.x.reshape(g.shape).to(g.dtype)
 
 
@@ -675,12 +891,17 @@ def fixed_point(
     backward : dict, optional
         The adjoint solve: ``method`` (any of :func:`linsolve_rbp.methods`, default
         ``"gmres"``), ``jvp`` (see :class:`JacobianOperator`) and any option of
-        :func:`linsolve_rbp.solve` (``rtol``, ``atol``, ``maxiter``, ...). Default
+        :func:`linsolve_rbp.solve` (``rtol``, ``atol``, ``maxiter``, ...) or of the method.
+        Validated at this call, not in ``backward()``; ``x0``, ``batch_dims``, ``throw`` and
+        ``on_failure`` are set by :func:`fixed_point` and refused here. Default
         ``{"method": "gmres", "rtol": 1e-6}``.
     on_failure : {"warn", "raise", "ignore"}
         Applied to the forward iteration (tolerance not met in ``forward_maxiter``, or
         non-finite states) and to the adjoint solve: a :class:`linsolve_rbp.ConvergenceWarning`
-        with the result's message, a :class:`linsolve_rbp.SolveError`, or nothing.
+        with the result's message (deduplicated per call site, see
+        :func:`linsolve_rbp.show_all_convergence_warnings`), a :class:`linsolve_rbp.SolveError`,
+        or nothing. Non-finite gradients are handled as by :func:`implicit_grad`: an error with
+        ``"raise"``, otherwise (even with ``"ignore"``) a warning and the entries set to zero.
     warm_start : bool or WarmStart
         Start the adjoint solve from the previous solution when its shape matches: a
         :class:`WarmStart` instance (one per layer), or True for a store shared by all calls.
@@ -705,12 +926,16 @@ def fixed_point(
         For bad input; the message names the argument.
     linsolve_rbp.SolveError
         With ``on_failure="raise"``, from the forward pass when it did not converge, and from
-        ``backward()`` when the adjoint solve did not.
+        ``backward()`` when the adjoint solve did not or a gradient is not finite.
 
     Notes
     -----
     The construction (a gradient hook on one differentiable evaluation of ``f`` at the fixed
-    point) is the one of deep equilibrium models (Bai et al., 2019). Each backward pass
+    point) is the one of deep equilibrium models (Bai et al., 2019). Called inside
+    :func:`torch.autocast`, ``f`` runs in low precision there (and again when the backward
+    pass records the Jacobian), its output is cast to the dtype of ``h0``, and the adjoint
+    solve runs in that dtype. Warnings of the backward pass point at the line that called
+    :func:`fixed_point`. Each backward pass
     evaluates ``f`` once more, at ``h*``, to record the Jacobian for the adjoint solve. The
     adjoint solution ``z`` has no graph: double backward (``create_graph=True``) through a
     fixed point is not supported. :func:`last_backward_result` returns the latest adjoint
@@ -743,12 +968,19 @@ def fixed_point(
         backward = {"method": "gmres", "rtol": 1e-6}
     if not isinstance(backward, dict):
         raise TypeError(f"backward must be a dict of solve options, got {type(backward).__name__}")
-    for key in ("x0", "batch_dims", "throw"):
+    for key in ("x0", "batch_dims", "throw", "on_failure"):
         if key in backward:
             raise ValueError(
                 f"backward must not set {key!r}: fixed_point sets it (use warm_start, batch_dims "
                 "and on_failure instead)"
             )
+    options = dict(backward)
+    method = options.pop("method", "gmres")
+    jvp = options.pop("jvp", "auto")
+    if jvp not in _JVP_MODES:
+        raise ValueError(f"backward['jvp'] must be one of {', '.join(map(repr, _JVP_MODES))}; got {jvp!r}")
+    # Validate the backward options now rather than in the middle of loss.backward().
+    options = _check_solve_options(method, options, "backward")
     if warm_start is True:
         warm = _DEFAULT_WARM_START
     elif warm_start is False or warm_start is None:
@@ -758,19 +990,19 @@ def fixed_point(
     else:
         raise TypeError(f"warm_start must be a bool or a WarmStart, got {type(warm_start).__name__}")
 
+    # Warnings of the backward pass, issued from inside autograd, point at this call.
+    site = _call_site(1)
     h_star, fwd = _forward_iterate(f, h0, int(forward_maxiter), forward_tol, batch_dims)
     info = FixedPointInfo(forward=fwd)
     _apply_policy(fwd, on_failure, "fixed_point forward iteration", stacklevel=3)
     h_star = h_star.detach()
     if torch.is_grad_enabled():
-        out = f(h_star)
+        out = _check_f_output(f(h_star), h_star)
         if out.requires_grad:
-            # Validate the backward options now rather than in the middle of backward().
-            method = backward.get("method", "gmres")
-            from ..solve import get_method
-
-            get_method(method)
-            out.register_hook(_AdjointHook(f, h_star, backward, on_failure, warm, batch_dims, info))
+            out.register_hook(
+                _AdjointHook(f, h_star, method, jvp, options, on_failure, warm, batch_dims, info,
+                             location=site, autocast=_autocast_state(h_star.device))
+            )
         if h0.requires_grad:
             out = _ZeroGradTo.apply(out, h0)
     else:

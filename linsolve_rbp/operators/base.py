@@ -34,6 +34,27 @@ class OperatorMismatchError(ValueError):
     """Operands disagree in shape, dtype, backend or device."""
 
 
+# ``_setup(symmetric=_DETECT)``: the structure tag is found on first use by the subclass's
+# ``_detect_symmetric`` (a cheap check for matrices); ``None`` means "unknown", stated.
+_DETECT = object()
+
+
+def _check_symmetric_tag(value, shape):
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"symmetric must be True, False or None (unknown), got {value!r}")
+    if value is True and shape[0] != shape[1]:
+        raise ValueError(f"symmetric=True needs a square operator, got shape {_fmt_shape(shape)}")
+    return value
+
+
+def _is_real_scalar(c) -> bool:
+    if isinstance(c, numbers.Real):
+        return True
+    if _b.is_array(c):
+        return not _b.is_complex_dtype(_b.array_namespace(c), c.dtype)
+    return False
+
+
 def _fmt_shape(shape):
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -56,11 +77,35 @@ class LinearOperator:
     like : array, optional
         An array whose backend, device and dtype the operator adopts; vectors of another
         backend, device or dtype are then rejected with a clear error.
+    symmetric : bool or None, optional
+        The structure tag :attr:`symmetric`: True if ``A`` is symmetric (Hermitian, for
+        complex data), False if it is known not to be, None (the default) if unknown.
+        :func:`linsolve_rbp.solve` refuses methods that need a symmetric operator (cg, minres,
+        scipy.cg) on one tagged False.
+
+    Attributes
+    ----------
+    symmetric : bool or None
+        Whether ``A == A^H``: True, False, or None (unknown). Settable. Operators over
+        matrices find it by a cheap check on first use (dense: comparing with the conjugate
+        transpose, for ``n`` up to 4096, else None; sparse: ``max|S - S^H| <= tiny max|S|``
+        with ``tiny = sqrt(eps)``); the identity is symmetric; ``A.T``, ``A.H`` and ``c * A``
+        (real ``c``) inherit ``A``'s tag; a sum or difference of two symmetric operators is
+        symmetric, of a symmetric and a non-symmetric one not symmetric, else unknown;
+        products are unknown (except ``A.H @ A`` and ``A @ A.H``, which are symmetric).
+    rowwise : bool
+        Whether products are known to act on each row of a ``(B, n)`` batch as on a vector
+        (True for the operators over explicit matrices, the identity, and composites of only
+        those). Closures and Jacobians may couple rows or act per system, so they say False;
+        methods that hand the operator one system at a time (the scipy bridges) refuse
+        batched solves on them.
 
     Notes
     -----
     Subclasses implement ``_matvec`` and, where they can, ``_rmatvec``; they call
-    ``_setup(shape, dtype=..., xp=..., device=..., backend=...)`` instead of ``__init__``.
+    ``_setup(shape, dtype=..., xp=..., device=..., backend=..., symmetric=...)`` instead of
+    ``__init__``. Without ``symmetric=`` the tag comes from :meth:`_detect_symmetric` on first
+    use (None unless the subclass overrides it).
 
     Examples
     --------
@@ -78,7 +123,12 @@ class LinearOperator:
     # ``ndarray * A`` broadcast elementwise over the operator as if it were a scalar.
     __array_ufunc__ = None
 
-    def __init__(self, shape, matvec=None, rmatvec=None, *, dtype=None, like=None):
+    # Whether a detected structure tag is kept: True for matrices (whose check costs a pass
+    # over the data); composites derive theirs from their operands at every look, so a tag
+    # set on an operand later is seen.
+    _cache_symmetric = False
+
+    def __init__(self, shape, matvec=None, rmatvec=None, *, dtype=None, like=None, symmetric=None):
         if matvec is None:
             raise TypeError(
                 "matvec must be given: a callable computing A @ x "
@@ -102,10 +152,10 @@ class LinearOperator:
             backend = _b.backend_name(like)
             if dtype is None:
                 dtype = like.dtype
-        self._setup(shape, dtype=dtype, xp=xp, device=device, backend=backend)
+        self._setup(shape, dtype=dtype, xp=xp, device=device, backend=backend, symmetric=symmetric)
 
     # -- construction helpers for subclasses -------------------------------------------------
-    def _setup(self, shape, *, dtype=None, xp=None, device=None, backend=None):
+    def _setup(self, shape, *, dtype=None, xp=None, device=None, backend=None, symmetric=_DETECT):
         try:
             shape = tuple(int(s) for s in shape)
         except (TypeError, ValueError):
@@ -119,6 +169,34 @@ class LinearOperator:
         self.backend = backend
         self.matvec_count = 0
         self.rmatvec_count = 0
+        if symmetric is not _DETECT:
+            symmetric = _check_symmetric_tag(symmetric, shape)
+        self._symmetric = symmetric
+
+    # -- structure ----------------------------------------------------------------------------
+    @property
+    def symmetric(self) -> bool | None:
+        """Whether ``A == A^H``: True, False or None (unknown); see the class docstring."""
+        tag = getattr(self, "_symmetric", _DETECT)
+        if tag is _DETECT:
+            tag = self._detect_symmetric()
+            if self._cache_symmetric:
+                # Found once, on first use: the check of a matrix reads all of it.
+                self._symmetric = tag
+        return tag
+
+    @symmetric.setter
+    def symmetric(self, value):
+        self._symmetric = _check_symmetric_tag(value, self.shape)
+
+    def _detect_symmetric(self) -> bool | None:
+        """The structure tag of an operator not told it: None (unknown) unless overridden."""
+        return None
+
+    @property
+    def rowwise(self) -> bool:
+        """Whether products are known to act row by row on a ``(B, n)`` batch."""
+        return False
 
     # -- what subclasses implement -----------------------------------------------------------
     def _matvec(self, x):
@@ -442,6 +520,13 @@ class IdentityOperator(LinearOperator):
     def _rmatvec(self, x):
         return x
 
+    def _detect_symmetric(self):
+        return True
+
+    @property
+    def rowwise(self):
+        return True
+
 
 class _TransposeOperator(LinearOperator):
     def __init__(self, A: LinearOperator, conjugate: bool):
@@ -472,6 +557,14 @@ class _TransposeOperator(LinearOperator):
     @property
     def has_rmatvec(self):
         return True
+
+    def _detect_symmetric(self):
+        # (A^T)^H = conj(A), Hermitian exactly when A is; A^H likewise.
+        return self.A.symmetric
+
+    @property
+    def rowwise(self):
+        return self.A.rowwise
 
     @property
     def T(self):
@@ -506,6 +599,18 @@ class _ScaledOperator(LinearOperator):
     def has_rmatvec(self):
         return self.A.has_rmatvec
 
+    def _detect_symmetric(self):
+        if not _is_real_scalar(self.c):
+            return None  # c A is Hermitian only for real c (or A = 0)
+        tag = self.A.symmetric
+        if tag is False and not (isinstance(self.c, numbers.Real) and self.c != 0):
+            return None  # 0 * A is symmetric; a 0-d array c is not read on the host here
+        return tag
+
+    @property
+    def rowwise(self):
+        return self.A.rowwise
+
     def __repr__(self):
         return f"({self.c} * {self.A!r})"
 
@@ -530,6 +635,18 @@ class _SumOperator(LinearOperator):
     def has_rmatvec(self):
         return self.A.has_rmatvec and self.B.has_rmatvec
 
+    def _detect_symmetric(self):
+        tags = (self.A.symmetric, self.B.symmetric)
+        if tags == (True, True):
+            return True
+        if True in tags and False in tags:
+            return False  # S + N symmetric would make N = (S + N) - S symmetric
+        return None
+
+    @property
+    def rowwise(self):
+        return self.A.rowwise and self.B.rowwise
+
     def __repr__(self):
         return f"({self.A!r} {'+' if self.sign > 0 else '-'} {self.B!r})"
 
@@ -553,6 +670,21 @@ class _ProductOperator(LinearOperator):
     @property
     def has_rmatvec(self):
         return self.A.has_rmatvec and self.B.has_rmatvec
+
+    def _detect_symmetric(self):
+        # Products of symmetric operators are in general not symmetric; the normal-equation
+        # forms A^H A and A A^H are.
+        A, B = self.A, self.B
+        for P, Q in ((A, B), (B, A)):
+            if isinstance(P, _TransposeOperator) and P.A is Q:
+                real = Q.dtype is not None and Q.xp is not None and not _b.is_complex_dtype(Q.xp, Q.dtype)
+                if P.conjugate or real:
+                    return True
+        return None
+
+    @property
+    def rowwise(self):
+        return self.A.rowwise and self.B.rowwise
 
     def __repr__(self):
         return f"({self.A!r} @ {self.B!r})"

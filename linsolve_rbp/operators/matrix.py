@@ -16,6 +16,38 @@ __all__ = [
 ]
 
 
+#: Dense matrices up to this size get their ``symmetric`` tag from a comparison with their
+#: conjugate transpose (O(n^2), on first use); larger ones are tagged None (unknown).
+SYMMETRY_CHECK_MAX_N = 4096
+
+
+def _tiny(xp, dtype):
+    """The relative asymmetry tolerated in a "symmetric" matrix: sqrt(eps), so that matrices
+    formed as ``B @ B.T`` or ``(B + B.T) / 2`` in floating point count as symmetric."""
+    try:
+        return float(xp.finfo(_b.real_dtype(xp, dtype)).eps) ** 0.5
+    except (TypeError, ValueError, AttributeError):
+        return 1e-8
+
+
+def _close_to_zero(diff, scale, tiny):
+    """``diff <= tiny * scale`` for host floats; None when they are not finite."""
+    if not (diff == diff and scale == scale) or scale == float("inf"):
+        return None
+    return bool(diff <= tiny * scale)
+
+
+class _MatrixOperator(LinearOperator):
+    """Operators over an explicit matrix: products act row by row on a batch, and the
+    symmetry check's result is kept."""
+
+    _cache_symmetric = True
+
+    @property
+    def rowwise(self):
+        return True
+
+
 def _apply(M, MT, x):
     """``M x`` for a vector, ``X M^T`` for a batch of row vectors."""
     if x.ndim == 1:
@@ -23,7 +55,7 @@ def _apply(M, MT, x):
     return x @ MT
 
 
-class DenseOperator(LinearOperator):
+class DenseOperator(_MatrixOperator):
     """A dense 2-D array (numpy, torch, cupy, array_api_strict, ...) as an operator."""
 
     def __init__(self, M):
@@ -53,8 +85,24 @@ class DenseOperator(LinearOperator):
     def to_dense(self, like=None):
         return self.M
 
+    def _detect_symmetric(self):
+        m, n = self.shape
+        if m != n:
+            return False
+        if n == 0:
+            return True
+        if n > SYMMETRY_CHECK_MAX_N:
+            return None
+        xp = _b.array_namespace(self.M)
+        try:
+            diff = float(xp.max(xp.abs(self.M - self._MH)))
+            scale = float(xp.max(xp.abs(self.M)))
+        except (TypeError, ValueError, RuntimeError):  # a backend without these reductions
+            return None
+        return _close_to_zero(diff, scale, _tiny(xp, self.M.dtype))
 
-class SparseOperator(LinearOperator):
+
+class SparseOperator(_MatrixOperator):
     """A scipy.sparse or cupyx.scipy.sparse matrix as an operator (stored as CSR)."""
 
     def __init__(self, S):
@@ -85,8 +133,22 @@ class SparseOperator(LinearOperator):
     def to_dense(self, like=None):
         return self.S.toarray()
 
+    def _detect_symmetric(self):
+        m, n = self.shape
+        if m != n:
+            return False
+        if self.S.nnz == 0:
+            return True
+        try:
+            D = self.S - self._SH
+            diff = float(abs(D).max()) if D.nnz else 0.0
+            scale = float(abs(self.S).max())
+        except (TypeError, ValueError, AttributeError, NotImplementedError):
+            return None
+        return _close_to_zero(diff, scale, _tiny(self.xp, self.dtype))
 
-class TorchSparseOperator(LinearOperator):
+
+class TorchSparseOperator(_MatrixOperator):
     """A sparse torch tensor (COO or CSR) as an operator (stored as CSR)."""
 
     def __init__(self, S):
@@ -122,8 +184,23 @@ class TorchSparseOperator(LinearOperator):
     def to_dense(self, like=None):
         return self.S.to_dense()
 
+    def _detect_symmetric(self):
+        m, n = self.shape
+        if m != n:
+            return False
+        try:
+            S = self.S.to_sparse_coo().coalesce()
+            D = (S - self._SH.to_sparse_coo()).coalesce()
+            if S.values().numel() == 0:
+                return True
+            diff = float(D.values().abs().max()) if D.values().numel() else 0.0
+            scale = float(S.values().abs().max())
+        except (TypeError, ValueError, RuntimeError, NotImplementedError):
+            return None
+        return _close_to_zero(diff, scale, _tiny(self.xp, self.dtype))
 
-class ScipyOperator(LinearOperator):
+
+class ScipyOperator(_MatrixOperator):
     """A :class:`scipy.sparse.linalg.LinearOperator` (numpy data) as an operator."""
 
     def __init__(self, L):

@@ -14,6 +14,7 @@ fundamental algorithms for scientific computing in Python", Nature Methods 17, 2
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
@@ -21,8 +22,18 @@ import math
 import numpy as np
 
 from .. import backend as _b
-from .._result import Status
-from ._base import Outcome, Problem, Solver
+from ._base import (
+    BREAKDOWN,
+    CONVERGED,
+    DIVERGED,
+    LEAST_SQUARES,
+    MAX_ITERATIONS,
+    NONFINITE,
+    Monitor,
+    Outcome,
+    Problem,
+    Solver,
+)
 
 __all__ = [
     "ScipyBridge",
@@ -35,14 +46,14 @@ __all__ = [
     "ScipyLSMR",
 ]
 
-_CONVERGED = Status.CONVERGED.code
-_MAX_ITERATIONS = Status.MAX_ITERATIONS.code
-_BREAKDOWN = Status.BREAKDOWN.code
-_NONFINITE = Status.NONFINITE.code
-
-# lsqr / lsmr ``istop`` codes 3 and 6: a condition-number estimate past ``conlim`` or 1/eps
-# (the operator is numerically singular). The iteration limit (7) and success codes are left
-# to the final residual test.
+# scipy's lsqr / lsmr ``istop`` codes: 1 and 4, the residual test (``||r|| <= btol ||b|| +
+# atol ||A|| ||x||``, or the same with eps); 2 and 5, the least-squares test (``||A^H r|| <=
+# atol ||A|| ||r||``, or the same with eps): x minimises ||b - A x||; 3 and 6, a
+# condition-number estimate past ``conlim`` or 1/eps (the operator is numerically singular);
+# 7, the iteration limit; 0, x = x0 solves the system. Every code is checked against the
+# true residual.
+_LSQ_SOLVED = (1, 4)
+_LSQ_LEAST_SQUARES = (2, 5)
 _LSQ_ILL_CONDITIONED = (3, 6)
 
 
@@ -112,12 +123,17 @@ def _parameters(fn):
     return set(params)
 
 
+class _Stop(Exception):
+    """Raised from scipy's callback to end a solve the Monitor has stopped (divergence,
+    non-finite residual); caught by :meth:`ScipyBridge.run`."""
+
+
 class ScipyBridge(Solver):
     """Run ``scipy.sparse.linalg.<function>`` (``cupyx.scipy.sparse.linalg.<function>`` on GPU
     data) on the package's operator, one system at a time, and report it like the package's
-    own methods.
+    own methods, on the same per-system :class:`~linsolve_rbp.solvers._base.Monitor`.
 
-    Subclasses set ``function`` (the scipy function name), ``least_squares`` (lsqr / lsmr
+    Subclasses set ``function`` (the scipy function name), ``lsq_interface`` (lsqr / lsmr
     calling convention), the capabilities and the pass-through options.
 
     Data
@@ -125,17 +141,26 @@ class ScipyBridge(Solver):
         (no copy of ``b``), with ``x`` returned as a torch tensor of ``b``'s dtype; other CPU
         array libraries through DLPack (or a copy). GPU data (cupy arrays; CUDA torch tensors,
         shared with cupy by DLPack) runs ``cupyx.scipy.sparse.linalg`` when it has the
-        function, and raises a ValueError naming the method otherwise.
+        function, and raises a ValueError naming the method otherwise. With ``batch_dims=1``
+        the systems are solved one after another and the operator gets ``(n,)`` vectors
+        (``batched_products`` is False).
     Tolerances
         ``rtol`` and ``atol`` are passed as scipy's ``rtol`` / ``atol`` (older cupyx:
         ``tol``), which test ``||b - A x|| <= max(rtol ||b||, atol)`` as the package does. For
         ``lsqr`` / ``lsmr`` scipy's test is ``||r|| <= btol ||b|| + atol ||A|| ||x||``; the
-        bridge passes ``atol=0`` (dropping the ``||A||`` term, which would make the test
-        depend on an estimate of ``||A||``) and ``btol = max(rtol, atol / ||b||)``, which is the
-        package's test. With ``atol=0`` scipy's least-squares stopping test (on ``||A^H r||``)
-        is off, so inconsistent (least-squares) problems run to ``maxiter``: use the
-        package's ``lsqr`` for those. Fixed-budget mode (``rtol=None, atol=None``) is rejected
-        with a ValueError: scipy's solvers always test a tolerance.
+        bridge passes ``btol = max(rtol, atol / ||b||)``, which is the package's test, and
+        ``atol=0`` (dropping the ``||A||`` term, which would make the test depend on an
+        estimate of ``||A||``). With ``atol=0`` scipy's least-squares stopping test (on
+        ``||A^H r||``) is off, so inconsistent (least-squares) problems run to ``maxiter``,
+        unless the option ``least_squares=True`` says that a least-squares solution is what
+        is wanted: then scipy gets ``atol=rtol``, which switches its least-squares test on
+        (as the package's ``lsqr`` does) but also widens its residual test by
+        ``rtol ||A|| ||x||``; where that widened test stops scipy (``istop`` 1 or 4) with the
+        true residual missing the tolerance (a consistent system) and ``damp=0``, the bridge
+        runs scipy again from that ``x`` with ``atol=0`` for the iterations left, so that a
+        consistent system is solved (CONVERGED) as without the option. Fixed-budget mode
+        (``rtol=None, atol=None``) is rejected with a ValueError: scipy's solvers always test
+        a tolerance.
     Iterations
         ``maxiter`` goes to scipy as its iteration limit (``iter_lim`` for lsqr), except for
         ``gmres``, where the bridge makes it count inner steps (products) as the package's
@@ -143,6 +168,20 @@ class ScipyBridge(Solver):
         iteration is an outer iteration (scipy's meaning), which runs a whole inner GMRES of
         up to ``inner_m`` (lgmres) or ``m`` (gcrotmk) steps: ``maxiter=1`` may solve the
         system (CONVERGED) and may cost many products.
+    Monitor: divergence, non-finite values, ``check_every``
+        Each system has a :class:`~linsolve_rbp.solvers._base.Monitor`, fed from scipy's
+        callback with the residual norm of each iteration (below). It applies ``divtol``
+        (a residual past ``divtol`` times the initial one) and the non-finite test, keeps
+        the best finite iterate, the history and the user's callback, and is consulted every
+        ``check_every`` iterations, as in the package's own methods; when it stops a system
+        the bridge ends scipy's run from inside the callback and takes the Monitor's verdict
+        (DIVERGED or NONFINITE). Convergence stays scipy's decision: the bridge does not
+        stop scipy early when a residual meets the tolerance, so products and ``x`` are
+        those of scipy. For ``gmres`` with ``M`` the Monitor's initial residual is that of
+        the left-preconditioned system, ``||M (b - A x0)||`` (one extra application of
+        ``M``), which is what scipy's estimates measure. Every product with ``A``, ``A^H``
+        and ``M`` is checked for non-finite values (scipy's ``lgmres`` and ``gcrotmk`` end
+        silently on one).
     History and callback
         The residual history comes from scipy's callback: for ``gmres`` the residual norm
         scipy estimates (``callback_type="pr_norm"``, times ``||b||``; with ``M`` it is the
@@ -158,19 +197,32 @@ class ScipyBridge(Solver):
         ``lsqr`` and ``lsmr`` take no callback: scipy gives them no per-iteration hook and
         does not expose their iterates, so a ``callback`` is rejected with a ValueError, and
         their history holds the initial and final residual norms with NaN for the steps in
-        between. The user's callback sees ``x_k`` (a copy, in ``b``'s backend), or None for
-        ``gmres``, which does not form it. A batched solve (``batch_dims=1``) runs the systems
-        one after another and calls the callback afterwards, once per iteration, with
-        ``x=None`` and the ``(B,)`` residual norms (a system that finished earlier repeats
-        its last value).
+        between (their Monitor sees no iterations: ``divtol`` applies to the final
+        residual). The user's callback sees ``x_k`` (a copy, in ``b``'s backend), or None
+        for ``gmres``, which does not form it. A batched solve (``batch_dims=1``) runs the
+        systems one after another and calls the callback afterwards, once per iteration,
+        with ``x=None`` and the ``(B,)`` residual norms (a system that finished earlier
+        repeats its last value).
     Status
-        The final residual ``||b - A x||`` is computed with one uncounted product. CONVERGED
-        when it meets the tolerance; otherwise BREAKDOWN when scipy reported one (``info <
-        0``; lsqr / lsmr: condition number past ``conlim``), else MAX_ITERATIONS (``info >
-        0``, or scipy stopped on its own estimate while the true residual misses the
-        tolerance). NONFINITE when ``x`` or its residual is not finite (an operator that
-        returned NaN or inf): ``x`` is then the reported iterate of smallest finite residual,
-        or ``x0`` (zero without one) when there is none, and ``residual_norm`` is its residual.
+        The final residual ``||b - A x||`` of the returned ``x`` is computed with one
+        uncounted product. CONVERGED when it meets the tolerance, and only then; otherwise,
+        in this order: NONFINITE when ``x`` or its residual is not finite, when the Monitor
+        saw a non-finite residual, or when a product returned NaN or inf; DIVERGED when the
+        Monitor saw a residual past ``divtol`` times the initial one, or the final residual
+        is past it (GMRES's estimates never grow, its true residual may); BREAKDOWN when
+        scipy reported one (``info < 0``; lsqr / lsmr: ``istop`` 3 or 6, a condition number
+        past ``conlim`` or ``1/eps``); LEAST_SQUARES (lsqr / lsmr) when scipy stopped on its
+        least-squares test (``istop`` 2 or 5: ``x`` minimises ``||b - A x||`` but does not
+        solve the system), or, with ``least_squares=True``, when scipy stopped on its
+        ``||A|| ||x||``-widened residual test and ``||A^H r - damp^2 (x - x0)||`` (one
+        uncounted product with ``A^H``) meets ``rtol`` times scipy's estimates of ``||A||``
+        and ``||r||``; else MAX_ITERATIONS (``info > 0``, or scipy stopped on its own
+        estimate while the true residual misses the tolerance; the message then says so).
+        LEAST_SQUARES is a success only with ``least_squares=True``. After DIVERGED,
+        NONFINITE, BREAKDOWN and MAX_ITERATIONS, ``x`` is the iterate of smallest true
+        residual among the Monitor's best finite iterate (``x0``, zero without one, for
+        ``gmres``, ``lsqr`` and ``lsmr``, whose iterates are not seen) and the one scipy
+        returned (scipy's, on a tie), never NaN, and ``residual_norm`` is its residual.
 
     References
     ----------
@@ -189,10 +241,14 @@ class ScipyBridge(Solver):
 
     name = "scipy.?"
     function = ""
-    least_squares = False
+    # lsqr / lsmr calling convention: btol, no callback, (x, istop, itn, ...) returned.
+    lsq_interface = False
     limit_keyword = "maxiter"
     accepts_preconditioner = True
     batched_products = False
+    # CONVERGED only where the true residual of the returned x meets the tolerance (one
+    # uncounted product per system).
+    checks_claims = True
     # scipy calls the callback with x0 before the first iteration (lgmres, gcrotmk).
     callback_sees_x0 = False
     # scipy may return an iterate without calling the callback on it.
@@ -200,20 +256,27 @@ class ScipyBridge(Solver):
 
     def _kwargs(self, prob: Problem, env: _Env, threshold: float, bnorm: float) -> dict:
         kw = dict(prob.options)
+        want_ls = bool(kw.pop("least_squares", False))
         params = env.params
-        if self.least_squares:
-            kw["atol"] = 0.0
+        if self.lsq_interface:
+            # atol=rtol switches scipy's least-squares test on (and widens its residual test
+            # by rtol ||A|| ||x||, which the final true-residual test makes up for).
+            kw["atol"] = float(prob.rtol or 0.0) if want_ls else 0.0
             kw["btol"] = threshold / bnorm if bnorm > 0 else 0.0
             kw[self.limit_keyword] = prob.maxiter
             need = {"btol", self.limit_keyword}
         else:
             rtol = 0.0 if prob.rtol is None else prob.rtol
             atol = 0.0 if prob.atol is None else prob.atol
+            if getattr(prob, "scale", None) is not None:
+                # The facade divided b by a power of two (run_scaled): atol too.
+                atol = atol / float(np.asarray(_b.to_numpy(prob.scale)).reshape(-1)[0])
             kw["rtol" if "rtol" in params or "tol" not in params else "tol"] = rtol
             kw["atol"] = atol
             kw["maxiter"] = prob.maxiter
             need = {"maxiter"}
-        missing = sorted(k for k in need | set(prob.options) if params and k not in params)
+        options = set(prob.options) - {"least_squares"}
+        missing = sorted(k for k in need | options if params and k not in params)
         if missing:
             raise ValueError(
                 f"method {self.name!r}: {env.lib.__name__}.{self.function} does not take "
@@ -249,7 +312,7 @@ class ScipyBridge(Solver):
                 "solvers always test a tolerance; give rtol or atol, or use a package method "
                 "such as gmres, neumann or fixed_point"
             )
-        if self.least_squares and prob.callback is not None:
+        if self.lsq_interface and prob.callback is not None:
             raise ValueError(
                 f"method {self.name!r} takes no callback: scipy.sparse.linalg.{self.function} "
                 "has no per-iteration hook and does not expose its iterates; leave callback "
@@ -262,12 +325,23 @@ class ScipyBridge(Solver):
         B = prob.nsys
         like = prob.b[0, ...]
         lib_dtype = env.to_lib(like).dtype
+        want_ls = bool(prob.options.get("least_squares", False))
+        rdt, dev = prob.real_dtype, prob.device
+        # Per system: whether every product so far was finite (a lib bool, read once at the
+        # end, so that checking costs no host synchronisation on a GPU).
+        products = {"ok": True}
+
+        def checked(y):
+            y = env.to_lib(y)
+            xpl = _b.array_namespace(y)
+            products["ok"] = products["ok"] & xpl.all(xpl.isfinite(y))
+            return y
 
         def mv(v):
-            return env.to_lib(A._mv(env.vec(v, n, like)))
+            return checked(A._mv(env.vec(v, n, like)))
 
         def rmv(v):
-            return env.to_lib(A._rmv(env.vec(v, m, like)))
+            return checked(A._rmv(env.vec(v, m, like)))
 
         def residual_norm(b_lib, x_native):
             r = b_lib - env.to_lib(A._matvec(x_native))
@@ -280,27 +354,29 @@ class ScipyBridge(Solver):
         M_lib = None
         if prob.psolve is not None:
             def psolve(v):
-                return env.to_lib(prob.psolve(env.vec(v, n, like)[None, ...])[0, ...])
+                return checked(prob.psolve(env.vec(v, n, like)[None, ...])[0, ...])
 
             M_lib = env.lib.LinearOperator((n, n), matvec=psolve, dtype=lib_dtype)
 
+        thresholds = np.asarray(_b.to_numpy(prob.thresholds()), dtype=float).reshape(-1)
         xs, codes, rnorms, histories, iters = [], [], [], [], []
-        live_cb = prob.callback if not prob.batched else None
+        unbacked = []  # systems scipy called solved whose true residual misses the tolerance
         for i in range(B):
             b_nat = prob.b[i, ...]
             b_lib = env.to_lib(b_nat)
             x0_nat = None if prob.x0 is None else prob.x0[i, ...]
+            x_init = xp.zeros((1, n), dtype=prob.dtype, device=dev) if x0_nat is None else prob.x0[i:i + 1, ...]
             bnorm = float(_b.array_namespace(b_lib).linalg.vector_norm(b_lib))
             r0 = bnorm if x0_nat is None else residual_norm(b_lib, x0_nat)
-            thr = max((prob.rtol or 0.0) * bnorm, prob.atol or 0.0)
+            thr = float(thresholds[i])
+            products["ok"] = True
+            mon = self._monitor(prob, i, r0, x_init, b_nat, x0_nat)
             hist = [r0]
             # skip: the next x-callback is scipy's report of x0 (lgmres, gcrotmk), not an
-            # iterate; last: the iterate the history ends with (lib array; None: x0 or 0);
-            # best: the reported iterate of smallest finite residual, the fallback when
-            # the operator turns non-finite.
-            state = {"skip": self.callback_sees_x0, "last": None, "best": None}
+            # iterate; last: the iterate the history ends with (lib array; None: x0 or 0).
+            state = {"skip": self.callback_sees_x0, "last": None}
 
-            def record(arg, hist=hist, b_lib=b_lib, bnorm=bnorm, state=state):
+            def record(arg, hist=hist, b_lib=b_lib, bnorm=bnorm, state=state, mon=mon):
                 if self._history_is_norm():
                     rn, x_nat = float(arg) * bnorm, None
                 else:
@@ -311,55 +387,80 @@ class ScipyBridge(Solver):
                     x_nat = env.vec(x_own, n, like)
                     rn = residual_norm(b_lib, x_nat)
                     state["last"] = x_own
-                    if math.isfinite(rn) and (state["best"] is None or rn < state["best"][0]):
-                        state["best"] = (rn, x_nat)
                 hist.append(rn)
-                if live_cb is not None:
-                    live_cb(len(hist) - 1, x_nat, xp.asarray(rn, dtype=prob.real_dtype, device=prob.device))
+                r_arr = xp.asarray([rn], dtype=rdt, device=dev)
+                if mon.update(r_arr, None if x_nat is None else x_nat[None, ...]):
+                    if int(mon.codes[0]) in (DIVERGED, NONFINITE):
+                        raise _Stop
 
-            kw = self._kwargs(prob, env, thr, bnorm)
+            kw = self._kwargs(_one_system(prob, i), env, thr, bnorm)
             if M_lib is not None:
                 kw["M"] = M_lib
             if x0_nat is not None:
                 kw["x0"] = env.to_lib(x0_nat)
-            if not self.least_squares:
+            if not self.lsq_interface:
                 kw.update(self._callback_kwargs(record))
-            out = self._call(env, A_lib, b_lib, kw, prob, n)
-            x_lib, info = out[0], out[1]
-            x_nat = env.vec(x_lib, n, like)
-            finite = bool(xp.all(xp.isfinite(x_nat)))
-            if finite and self.may_return_unreported and info >= 0:
-                state["skip"] = False
-                if self._differs(x_lib, state["last"], kw.get("x0")):
-                    # scipy returned an iterate its callback has not seen (bicgstab's half
-                    # step; lgmres / gcrotmk after their last outer iteration): report it,
-                    # so that the history and the callback end with the returned x.
-                    record(x_lib)
-            if self.least_squares:
-                its = int(out[2])
-                bad = info in _LSQ_ILL_CONDITIONED
+            out, stopped = None, False
+            if not math.isfinite(r0):
+                # x0's residual is not finite: there is nothing to start from.
+                stopped = True
             else:
-                its = len(hist) - 1
-                bad = info < 0
-            # x_nat may alias scipy's array (or b itself, which scipy returns when b = 0);
-            # the final stack copies.
-            rn = residual_norm(b_lib, x_nat) if finite else float("nan")
-            if not math.isfinite(rn):
-                # A non-finite x, or a finite x whose residual the operator no longer gives
-                # finitely: report the best iterate with a finite residual, else x0 (or 0).
-                code = _NONFINITE
-                if state["best"] is not None:
-                    rn, x_nat = state["best"]
-                else:
-                    x_nat = xp.zeros_like(x_nat) if x0_nat is None else xp.asarray(x0_nat, copy=True)
-                    rn = r0
-            elif rn <= thr:
-                code = _CONVERGED
-            elif bad:
-                code = _BREAKDOWN
+                try:
+                    out = self._call(env, A_lib, b_lib, kw, prob, n)
+                    x_lib, info = out[0], out[1]
+                    x_nat = env.vec(x_lib, n, like)
+                    finite = bool(xp.all(xp.isfinite(x_nat)))
+                    if finite and self.may_return_unreported and info >= 0:
+                        state["skip"] = False
+                        if self._differs(x_lib, state["last"], kw.get("x0")):
+                            # scipy returned an iterate its callback has not seen (bicgstab's
+                            # half step; lgmres / gcrotmk after their last outer iteration):
+                            # report it, so that the history and the callback end with the
+                            # returned x.
+                            record(x_lib)
+                except _Stop:
+                    stopped = True
+            seen = int(mon.codes[0])
+            if stopped:
+                code = NONFINITE if not math.isfinite(r0) else seen
+                x_nat, rn, its = None, float("nan"), len(hist) - 1
             else:
-                code = _MAX_ITERATIONS
-            if self.least_squares:
+                its = int(out[2]) if self.lsq_interface else len(hist) - 1
+                # x_nat may alias scipy's array (or b itself, which scipy returns when b = 0);
+                # the final stack copies.
+                rn = residual_norm(b_lib, x_nat) if finite else float("nan")
+                if (self.lsq_interface and want_ls and out[1] in _LSQ_SOLVED and math.isfinite(rn)
+                        and rn > thr and its < prob.maxiter and not prob.options.get("damp")):
+                    # atol=rtol widened scipy's residual test by rtol ||A|| ||x||, and it fired
+                    # on a system that is nearly consistent: go on from x on the package's
+                    # residual test alone (atol=0) for the iterations left.
+                    more = self._call(env, A_lib, b_lib, {
+                        **kw, "atol": 0.0, "x0": x_lib, self.limit_keyword: prob.maxiter - its,
+                    }, prob, n)
+                    its += int(more[2])
+                    out = more
+                    x_lib = out[0]
+                    x_nat = env.vec(x_lib, n, like)
+                    finite = bool(xp.all(xp.isfinite(x_nat)))
+                    rn = residual_norm(b_lib, x_nat) if finite else float("nan")
+                code = self._verdict(prob, out, rn, thr, r0, seen, bool(products["ok"]), want_ls,
+                                     b_nat, x_nat, x0_nat)
+                said_solved = out[1] in (0,) + _LSQ_SOLVED if self.lsq_interface else out[1] == 0
+                if code == MAX_ITERATIONS and said_solved:
+                    unbacked.append(i)
+            if code in (DIVERGED, NONFINITE, MAX_ITERATIONS, BREAKDOWN):
+                # The best finite iterate: the Monitor's (x0 or 0 where scipy's iterates are
+                # not seen), or the returned x if it is better. (A failed solve never returns
+                # an x worse than one it has seen.)
+                xb = mon.best_x[0, ...]
+                # (gmres: the Monitor's residuals are estimates, its best iterate is x0)
+                rb = r0 if self._history_is_norm() else float(_b.to_numpy(mon.best_r)[0])
+                if x_nat is not None and math.isfinite(rn) and (not math.isfinite(rb) or rn <= rb):
+                    xb, rb = x_nat, rn
+                x_nat, rn = xp.asarray(xb, copy=True), rb
+                if not bool(xp.all(xp.isfinite(x_nat))):
+                    x_nat = xp.zeros_like(x_nat)
+            if self.lsq_interface:
                 # scipy does not expose lsqr's / lsmr's iterates: the steps in between are
                 # unknown (NaN), so the history keeps its length of iterations + 1.
                 if its > 0:
@@ -375,16 +476,90 @@ class ScipyBridge(Solver):
         history = [padded[k] for k in range(K)]
         if prob.batched and prob.callback is not None:
             for k in range(1, K):
-                prob.callback(k, None, xp.asarray(padded[k], dtype=prob.real_dtype, device=prob.device))
+                prob.callback(k, None, xp.asarray(padded[k], dtype=rdt, device=dev))
         x = xp.stack(xs, axis=0)
-        return Outcome(
+        outcome = Outcome(
             x=x,
             codes=np.asarray(codes, dtype=np.int64),
             iterations=max(iters),
             residual_norm=np.asarray(rnorms),
             history=history,
             info={"backend": "cupyx" if env.gpu else "scipy"},
+            accept_least_squares=want_ls,
         )
+        if unbacked:
+            which = "" if not prob.batched else " (systems " + ", ".join(map(str, unbacked)) + ")"
+            outcome.note = (
+                f"scipy stopped on its own residual estimate{which}, but the true residual "
+                "||b - A x|| misses the tolerance: tighten rtol a little, or use the package's "
+                "method, which checks the true residual before it stops"
+            )
+        return outcome
+
+    def _monitor(self, prob: Problem, i: int, r0: float, x_init, b_nat, x0_nat) -> Monitor:
+        """The Monitor of system ``i``: its divergence and non-finite tests, best iterate,
+        history and callback (called live for an ordinary solve; afterwards, from the
+        padded histories, for a batched one). Its threshold is zero: convergence is scipy's
+        decision, checked on the true residual at the end."""
+        xp = prob.xp
+        sub = _one_system(prob, i)
+        sub = dataclasses.replace(
+            sub, rtol=0.0, atol=0.0, batched=False,
+            callback=None if prob.batched else prob.callback,
+        )
+        r0_mon = r0
+        if self._history_is_norm() and prob.psolve is not None and math.isfinite(r0):
+            # scipy's gmres estimates the left-preconditioned residual ||M r||.
+            r = b_nat if x0_nat is None else b_nat - prob.A._matvec(x0_nat)
+            z = prob.psolve(r[None, ...])
+            r0_mon = float(_b.to_numpy(xp.linalg.vector_norm(z)))
+        return Monitor(sub, xp.asarray([r0_mon], dtype=prob.real_dtype, device=prob.device), x0=x_init)
+
+    def _verdict(self, prob, out, rn, thr, r0, seen, products_ok, want_ls, b_nat, x_nat,
+                 x0_nat) -> int:
+        """The status of a run scipy ended itself, from the true residual ``rn`` of its ``x``."""
+        if math.isfinite(rn) and rn <= thr:
+            return CONVERGED
+        if not math.isfinite(rn) or not products_ok or seen == NONFINITE:
+            return NONFINITE
+        if seen == DIVERGED or (prob.divtol is not None and r0 > 0 and rn > prob.divtol * r0):
+            return DIVERGED
+        info = out[1]
+        if not self.lsq_interface:
+            return BREAKDOWN if info < 0 else MAX_ITERATIONS
+        if info in _LSQ_ILL_CONDITIONED:
+            return BREAKDOWN
+        if info in _LSQ_LEAST_SQUARES:
+            return LEAST_SQUARES
+        if want_ls and info in _LSQ_SOLVED and self._normal_test(prob, out, rn, b_nat, x_nat, x0_nat):
+            return LEAST_SQUARES
+        return MAX_ITERATIONS
+
+    def _normal_test(self, prob, out, rn, b_nat, x_nat, x0_nat) -> bool:
+        """Whether ``x`` passes the package's least-squares test ``||A^H r - damp^2 (x - x0)||
+        <= rtol ||Abar|| ||rbar||`` (one uncounted product with ``A^H``; ``||Abar||`` is
+        scipy's estimate, ``||rbar||^2 = ||r||^2 + damp^2 ||x - x0||^2``)."""
+        xp = prob.xp
+        A = prob.A
+        rtol = float(prob.rtol or 0.0)
+        anorm = float(out[5])
+        damp = float(prob.options.get("damp", 0.0) or 0.0)
+        g = A._rmatvec(b_nat - A._matvec(x_nat))
+        rbar = rn
+        if damp:
+            dx = x_nat if x0_nat is None else x_nat - x0_nat
+            g = g - damp**2 * dx
+            rbar = math.hypot(rn, damp * float(_b.to_numpy(xp.linalg.vector_norm(dx))))
+        gnorm = float(_b.to_numpy(xp.linalg.vector_norm(g)))
+        return math.isfinite(gnorm) and gnorm <= rtol * anorm * rbar
+
+
+def _one_system(prob: Problem, i: int) -> Problem:
+    """System ``i`` of ``prob`` as a problem of its own (``B = 1``)."""
+    changes = {"b": prob.b[i:i + 1, ...], "x0": None if prob.x0 is None else prob.x0[i:i + 1, ...]}
+    if getattr(prob, "scale", None) is not None:
+        changes["scale"] = prob.scale[i:i + 1]
+    return dataclasses.replace(prob, **changes)
 
 
 class ScipyCG(ScipyBridge):
@@ -414,6 +589,7 @@ class ScipyGMRES(ScipyBridge):
     name = "scipy.gmres"
     function = "gmres"
     options = {"restart": 20}
+    option_kinds = {"restart": "positive_int"}
 
     def _call(self, env, A_lib, b_lib, kw, prob, n):
         # scipy's maxiter counts restart cycles of min(restart, n) steps (scipy clamps the
@@ -452,6 +628,7 @@ class ScipyLGMRES(ScipyBridge):
     name = "scipy.lgmres"
     function = "lgmres"
     options = {"inner_m": 30, "outer_k": 3}
+    option_kinds = {"inner_m": "positive_int", "outer_k": "nonnegative_int"}
     callback_sees_x0 = True
     may_return_unreported = True
 
@@ -470,6 +647,8 @@ class ScipyGCROTMK(ScipyBridge):
     name = "scipy.gcrotmk"
     function = "gcrotmk"
     options = {"m": 20, "k": None, "truncate": "oldest", "discard_C": False}
+    option_kinds = {"m": "positive_int", "k": "positive_int_or_none",
+                    "truncate": ("oldest", "smallest"), "discard_C": "bool"}
     callback_sees_x0 = True
     may_return_unreported = True
 
@@ -488,29 +667,39 @@ class ScipyBiCGStab(ScipyBridge):
 class ScipyLSQR(ScipyBridge):
     """``scipy.sparse.linalg.lsqr`` (Paige & Saunders, ACM TOMS 8, 1982): least squares by
     Golub-Kahan bidiagonalisation; needs ``A^H``, takes no preconditioner and no callback.
-    Options ``damp`` (0: a nonzero value solves the regularised problem, whose residual does
-    not meet the package's test), ``conlim`` (1e8). See :class:`ScipyBridge`."""
+
+    Options
+        ``damp`` (0: a nonzero value solves the regularised problem, whose residual does not
+        meet the package's test), ``conlim`` (1e8), ``least_squares`` (False: a solution of
+        ``A x = b`` is wanted; True: a least-squares solution is wanted, scipy's
+        least-squares test is switched on with ``atol=rtol``, and LEAST_SQUARES is a
+        success).
+
+    A stop on scipy's least-squares test with the system unsolved is LEAST_SQUARES, not
+    CONVERGED, whatever ``least_squares`` says. See :class:`ScipyBridge`."""
 
     name = "scipy.lsqr"
     function = "lsqr"
     limit_keyword = "iter_lim"
-    least_squares = True
+    lsq_interface = True
     needs_rmatvec = True
     needs_square = False
     accepts_preconditioner = False
-    options = {"damp": 0.0, "conlim": 1e8}
+    options = {"damp": 0.0, "conlim": 1e8, "least_squares": False}
+    option_kinds = {"damp": "nonnegative", "conlim": "nonnegative", "least_squares": "bool"}
 
 
 class ScipyLSMR(ScipyBridge):
     """``scipy.sparse.linalg.lsmr`` (Fong & Saunders, SIAM J. Sci. Comput. 33, 2011): MINRES
     on the normal equations by Golub-Kahan bidiagonalisation; needs ``A^H``, takes no
-    preconditioner and no callback. Options ``damp`` (0), ``conlim`` (1e8). See
-    :class:`ScipyBridge`."""
+    preconditioner and no callback. Options ``damp`` (0), ``conlim`` (1e8),
+    ``least_squares`` (False), as for :class:`ScipyLSQR`. See :class:`ScipyBridge`."""
 
     name = "scipy.lsmr"
     function = "lsmr"
-    least_squares = True
+    lsq_interface = True
     needs_rmatvec = True
     needs_square = False
     accepts_preconditioner = False
-    options = {"damp": 0.0, "conlim": 1e8}
+    options = {"damp": 0.0, "conlim": 1e8, "least_squares": False}
+    option_kinds = {"damp": "nonnegative", "conlim": "nonnegative", "least_squares": "bool"}
