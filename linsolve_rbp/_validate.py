@@ -188,6 +188,7 @@ def did_you_mean(name: str, candidates, aliases: dict | None = None) -> str:
 #: The option kinds :meth:`Solver.check_options` understands, besides a tuple of choices.
 OPTION_KINDS = (
     "nonnegative",
+    "nonnegative_or_inf",
     "positive_int",
     "nonnegative_int",
     "bool",
@@ -202,6 +203,10 @@ def check_kind(value, name: str, kind):
     if isinstance(kind, tuple):
         return choice(value, name, kind)
     if kind == "nonnegative":
+        # A finite real >= 0: an infinite damping (damp, eta) only makes the iteration
+        # non-finite.
+        return nonnegative_real(value, name, allow_inf=False)
+    if kind == "nonnegative_or_inf":
         return nonnegative_real(value, name)
     if kind == "nonnegative_or_none":
         return nonnegative_real(value, name, allow_none=True)

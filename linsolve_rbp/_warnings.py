@@ -157,7 +157,9 @@ def warn_failure(
     text = message if message is not None else getattr(result, "message", "the solve did not succeed")
     loc = tuple(location) if location is not None else _caller_location(stacklevel)
     if key is None:
-        key = (loc[0], loc[1], context)
+        # The status is part of the key: a NONFINITE after MAX_ITERATIONS at the same call
+        # site is news, not a repeat.
+        key = (loc[0], loc[1], context, getattr(getattr(result, "status", None), "name", None))
     with _LOCK:
         show_all = _SHOW_ALL
         entry = _COUNTS.setdefault(key, [0, 0])

@@ -161,9 +161,9 @@ def _as_preconditioner(M, b, n: int) -> LinearOperator:
                 f"LinearOperator or a callable; got an array of shape {tuple(M.shape)} (for a "
                 "diagonal preconditioner with diagonal d pass M=lambda x: x / d)"
             )
-        op = aslinearoperator(M)
+        op = _as_operator(M, "M")
     elif _b.is_sparse(M) or type(M).__module__.startswith("scipy.sparse.linalg"):
-        op = aslinearoperator(M)
+        op = _as_operator(M, "M")
     elif callable(M):
         # A function of b's kind: like=b fixes its backend, device and dtype for the checks.
         op = LinearOperator((n, n), matvec=M, like=b)
@@ -386,6 +386,19 @@ def _apply_policy(result: SolveResult, on_failure: str, stacklevel: int) -> None
         result.warn_if_failed("linear solve", stacklevel=stacklevel + 1)
 
 
+def _as_operator(X, name):
+    """``aslinearoperator(X)``, with its errors naming the argument ``name``."""
+    try:
+        return aslinearoperator(X)
+    except (TypeError, ValueError) as exc:
+        msg = str(exc)
+        if msg.startswith("A must"):
+            msg = name + msg[1:]
+        elif not msg.startswith(name + " "):
+            msg = f"{name}: {msg}"
+        raise type(exc)(msg) from None
+
+
 def solve(
     A,
     b,
@@ -488,7 +501,7 @@ def solve(
     )
     given.update(options)
     v = check_options(method, given)
-    A = aslinearoperator(A)
+    A = _as_operator(A, "A")
     if method == "auto":
         method = _resolve_auto(A)
     solver = get_method(method)

@@ -440,7 +440,7 @@ BAD = {
     "1-D array as operator": (lambda: lr.aslinearoperator(np.ones(3)), ValueError, "A must be a 2-D"),
     "3-D array as operator": (lambda: lr.aslinearoperator(np.ones((2, 2, 2))), ValueError, "A must be a 2-D"),
     "3-D torch array as operator": (lambda: lr.aslinearoperator(torch.ones(2, 2, 2)), ValueError, "A must be a 2-D"),
-    "integer matrix": (lambda: lr.aslinearoperator(np.ones((2, 2), dtype=int)), TypeError, "M must have a floating dtype"),
+    "integer matrix": (lambda: lr.aslinearoperator(np.ones((2, 2), dtype=int)), TypeError, "matrix must have a floating dtype"),
     "integer sparse matrix": (lambda: lr.aslinearoperator(sp.eye(3, dtype=int, format="csr")), TypeError, "sparse matrix must have a floating dtype"),
     "3-D torch sparse": (lambda: lr.aslinearoperator(torch.ones(2, 2, 2).to_sparse()), ValueError, "sparse tensor must be 2-D"),
     "add mismatched shapes": (lambda: _A() + lr.aslinearoperator(_M.T.copy()), lr.OperatorMismatchError, r"shapes \(4, 3\) and \(3, 4\)"),

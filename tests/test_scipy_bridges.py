@@ -658,7 +658,7 @@ def test_option_kinds_declared():
         "m": "positive_int", "k": "positive_int_or_none", "truncate": ("oldest", "smallest"),
         "discard_C": "bool"}
     for cls in (bridges.ScipyLSQR, bridges.ScipyLSMR):
-        assert cls.option_kinds == {"damp": "nonnegative", "conlim": "nonnegative", "least_squares": "bool"}
+        assert cls.option_kinds == {"damp": "nonnegative", "conlim": "nonnegative_or_inf", "least_squares": "bool"}
         assert cls.options["least_squares"] is False
 
 

@@ -98,7 +98,8 @@ def test_misspelt_method_names_get_did_you_mean(typo, meant):
 
 # a value of the wrong kind for every option kind a method declares
 _BAD = {
-    "nonnegative": [-1.0, float("nan"), "a", True, None],
+    "nonnegative": [-1.0, float("nan"), float("inf"), "a", True, None],
+    "nonnegative_or_inf": [-1.0, float("nan"), "a", True, None],
     "nonnegative_or_none": [-1.0, "a"],
     "positive_int": [0, -3, 1.5, True, None, "2"],
     "nonnegative_int": [-1, 1.5, True, None],
@@ -585,3 +586,87 @@ def test_malformed_calls_name_the_argument_before_any_product(be):
             lr.solve(A, bb, **kw)
         assert A.matvec_count == 0 and A.rmatvec_count == 0, label
         assert not isinstance(info.value, lr.SolveError), label
+
+
+# -------------------------------------------------------------------------------------------
+# found by an adversarial pass
+
+
+@pytest.mark.parametrize("method", [m for m in lr.methods()])
+def test_tiny_tolerance_is_not_met_by_underflowing_squares(method):
+    """A threshold far below the largest entry of b: residual entries whose squares underflow
+    must not read as a zero residual."""
+    import warnings
+
+    A = np.eye(2) - np.diag([0.0, 0.5])
+    b = np.array([1.0, 1e-170])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = lr.solve(A, b, method=method, rtol=0.0, atol=1e-180)
+    true = np.linalg.norm((b - A @ res.x) * 1e170) / 1e170  # scale-safe in the test too
+    if res.converged:
+        assert true <= 1e-180 * (1 + 1e-12), f"{method}: CONVERGED with true residual {true:.2e}"
+    assert np.all(np.isfinite(res.x))
+
+
+@pytest.mark.parametrize("A, M, name", [
+    (np.eye(3, dtype=int), None, "A"),
+    (np.eye(3), np.eye(3, dtype=int), "M"),
+])
+def test_integer_matrix_error_names_the_argument(A, M, name):
+    with pytest.raises(TypeError, match=f"^{name}"):
+        lr.solve(A, np.ones(3), M=M)
+
+
+@pytest.mark.parametrize("method, option", [("lsqr", "damp"), ("cgne", "eta"), ("scipy.lsmr", "damp")])
+def test_infinite_damping_is_refused(method, option):
+    A = lr.aslinearoperator(np.eye(3))
+    with pytest.raises(ValueError, match=option):
+        lr.solve(A, np.ones(3), method=method, **{option: float("inf")})
+    assert A.matvec_count == A.rmatvec_count == 0
+    # conlim (a limit) may be infinite
+    assert lr.solve(np.eye(3), np.ones(3), method="scipy.lsqr", conlim=float("inf")).success
+
+
+def test_a_worse_failure_at_the_same_call_site_still_warns():
+    import warnings
+
+    A = np.diag(np.arange(1.0, 30.0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for bb in [np.ones(29), np.ones(29), np.full(29, np.nan)]:
+            lr.solve(A, bb, method="cg", maxiter=2, on_failure="warn")
+    messages = [str(w.message) for w in seen if issubclass(w.category, lr.ConvergenceWarning)]
+    assert len(messages) == 2 and "non-finite" in messages[1], messages
+
+
+def test_fixed_point_refuses_unservable_backward_requests_at_the_call():
+    torch = pytest.importorskip("torch")
+    from linsolve_rbp.adapters import torch as lrt
+
+    calls = []
+
+    def f(h):
+        calls.append(1)
+        return torch.tanh(0.5 * h + 1)
+
+    h0 = torch.zeros(6, dtype=torch.float64)
+    for backward, match in [
+        ({"M": np.eye(6)}, "M must be a torch tensor"),
+        ({"M": torch.eye(8, dtype=torch.float64)}, r"M must have shape \(6, 6\)"),
+        ({"method": "cg"}, "symmetric"),
+        ({"method": "minres"}, "symmetric"),
+        ({"method": "scipy.cg"}, "symmetric"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            lrt.fixed_point(f, h0, backward=backward)
+    with pytest.raises(ValueError, match="one system at a time"):
+        lrt.fixed_point(f, torch.zeros(2, 6, dtype=torch.float64), backward={"method": "scipy.gmres"}, batch_dims=1)
+    assert not calls, "f must not run before the options are refused"
+    # implicit_grad: the same, and x0 checked, before f runs
+    W = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match="symmetric"):
+        lrt.implicit_grad(f, h0, torch.ones(6, dtype=torch.float64), [W], method="cg")
+    with pytest.raises(ValueError, match="x0"):
+        lrt.implicit_grad(f, h0, torch.ones(6, dtype=torch.float64), [W], x0=torch.zeros(7, dtype=torch.float64))
+    assert not calls

@@ -415,6 +415,42 @@ def _as_params(params):
     return params
 
 
+def _check_adjoint_request(method, options, h, batch_dims, where=None):
+    """Refuse, before any work, what the adjoint system ``(I - J^T) z = g`` of a state like
+    ``h`` cannot serve: a method that needs a symmetric operator (``I - J^T`` is not), a scipy
+    bridge with per-sample (``batch_dims=1``) Jacobians, an ``M`` of the wrong kind or shape."""
+    from ..solve import get_method
+
+    pre = f"{where}: " if where else ""
+    solver = get_method("gmres" if method == "auto" else method)
+    if solver.needs_symmetric:
+        raise ValueError(
+            f"{pre}method {method!r} needs a symmetric operator, and the adjoint operator "
+            "I - J^T is not symmetric; use gmres, bicgstab, cgne, lsqr, neumann or fixed_point"
+        )
+    if batch_dims == 1 and not solver.batched_products:
+        raise ValueError(
+            f"{pre}method {method!r} solves one system at a time with (n,) vectors, and the "
+            "per-sample Jacobian (batch_dims=1) takes (B, n) batches; use the package's own "
+            "methods (gmres, bicgstab, neumann, ...)"
+        )
+    M = options.get("M")
+    if M is not None and not callable(M):
+        n = h[0, ...].numel() if batch_dims == 1 else h.numel()
+        if not isinstance(M, (torch.Tensor, LinearOperator)):
+            raise TypeError(
+                f"{pre}M must be a torch tensor, a LinearOperator or a callable for a torch "
+                f"state, got {type(M).__module__}.{type(M).__name__}"
+            )
+        if tuple(M.shape) != (n, n):
+            raise ValueError(f"{pre}M must have shape {(n, n)} (the flattened state), got {tuple(M.shape)}")
+        if isinstance(M, torch.Tensor) and (M.dtype != h.dtype or M.device != h.device):
+            raise TypeError(
+                f"{pre}M ({M.dtype} on {M.device}) must have the dtype and device of the state "
+                f"({h.dtype} on {h.device})"
+            )
+
+
 def _check_solve_options(method, options, where=None):
     """Validate a method name and its solve options before any work (``where``, if given,
     names the argument in messages); returns the options to pass to :func:`linsolve_rbp.solve`."""
@@ -536,15 +572,22 @@ def implicit_grad(
             f"h_star ({h_star.dtype} on {h_star.device})"
         )
     params = _as_params(params)
-    solve_options = _check_solve_options(method, solve_options)  # before f is evaluated
-    J = JacobianOperator(f, h_star, jvp=jvp, batch_dims=batch_dims)
+    # Everything that can be checked without f is checked before f is evaluated.
+    solve_options = _check_solve_options(method, solve_options)
+    _check_adjoint_request(method, solve_options, h_star, batch_dims)
     b = _flat(grad_h.detach(), batch_dims)
     if x0 is not None:
         if not isinstance(x0, torch.Tensor):
             raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
         if x0.numel() != b.numel():
             raise ValueError(f"x0 must have {b.numel()} elements (the shape of h_star), got shape {tuple(x0.shape)}")
+        if x0.dtype != b.dtype or x0.device != b.device:
+            raise TypeError(
+                f"x0 ({x0.dtype} on {x0.device}) must have the dtype and device of h_star "
+                f"({b.dtype} on {b.device})"
+            )
         x0 = x0.detach().reshape(b.shape)
+    J = JacobianOperator(f, h_star, jvp=jvp, batch_dims=batch_dims)
     A = IdentityOperator(J.shape[0], like=b) - J.T
     result = _solve(A, b, method=method, x0=x0, batch_dims=batch_dims, **solve_options)
     _apply_policy(result, on_failure, "implicit_grad adjoint solve")
@@ -981,6 +1024,7 @@ def fixed_point(
         raise ValueError(f"backward['jvp'] must be one of {', '.join(map(repr, _JVP_MODES))}; got {jvp!r}")
     # Validate the backward options now rather than in the middle of loss.backward().
     options = _check_solve_options(method, options, "backward")
+    _check_adjoint_request(method, options, h0, batch_dims, "backward")
     if warm_start is True:
         warm = _DEFAULT_WARM_START
     elif warm_start is False or warm_start is None:

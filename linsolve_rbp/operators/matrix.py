@@ -64,7 +64,7 @@ class DenseOperator(_MatrixOperator):
         xp = _b.array_namespace(M)
         if not _b.is_floating_dtype(xp, M.dtype):
             raise TypeError(
-                f"M must have a floating dtype (float32, float64, complex64, complex128), "
+                f"the dense matrix must have a floating dtype (float32, float64, complex64, complex128), "
                 f"got {M.dtype}; cast it first"
             )
         self.M = M

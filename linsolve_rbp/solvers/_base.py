@@ -376,7 +376,9 @@ class Monitor:
         """
         prob = self.prob
         r = prob.b - prob.mv(x)
-        rtrue = norm(self.xp, r)
+        # Scale-safe: a tiny tolerance (atol far below the largest entry of b) must not be
+        # met by a residual whose squares underflow.
+        rtrue = safe_norm(self.xp, r)
         return r, rtrue, self.check(x, rtrue)
 
     def tighten(self, reopened, rtrue, factor: float = 0.5):
@@ -430,7 +432,7 @@ class Monitor:
                 # The iterate with the smallest residual estimate (the estimates may be a
                 # step stale, or drift) is verified with one product and taken where it is
                 # better than the best verified iterate (x0 at least).
-                rb = norm(xp, prob.b - prob.mv(self.best_x))
+                rb = safe_norm(xp, prob.b - prob.mv(self.best_x))
                 take = back & xp.isfinite(rb) & (rb < self.ver_r) & xp.all(xp.isfinite(self.best_x), axis=-1)
                 self.ver_r = xp.where(take, rb, self.ver_r)
                 self.ver_x = self.best_x if self.ver_x is None else xp.where(take[:, None], self.best_x, self.ver_x)
@@ -474,7 +476,7 @@ class Solver:
     options : dict
         Method-specific keyword options and their defaults.
     option_kinds : dict
-        Option name -> its kind: ``"nonnegative"`` (a real >= 0), ``"nonnegative_or_none"``,
+        Option name -> its kind: ``"nonnegative"`` (a finite real >= 0), ``"nonnegative_or_inf"``, ``"nonnegative_or_none"``,
         ``"positive_int"``, ``"nonnegative_int"``, ``"positive_int_or_none"``, ``"bool"``, or
         a tuple of the allowed values; validated by :meth:`check_options`.
     """
@@ -646,7 +648,7 @@ def _audited(solver: Solver, prob: Problem, out: Outcome) -> Outcome:
     claimed = codes == CONVERGED
     if not bool(xp.any(claimed)):
         return out
-    rtrue = norm(xp, prob.b - prob.mv(out.x))
+    rtrue = safe_norm(xp, prob.b - prob.mv(out.x))
     false = claimed & ~(rtrue <= prob.thresholds())
     if bool(xp.any(false)):
         out.codes = xp.where(false, xp.asarray(MAX_ITERATIONS, dtype=codes.dtype, device=prob.device), codes)

@@ -9,7 +9,7 @@ the solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 13(2), 
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm
+from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, safe_norm
 
 __all__ = ["BiCGStab"]
 
@@ -126,7 +126,7 @@ class BiCGStab(Solver):
                 if mon.update(rnorm, x):
                     break
             r = prob.b - prob.mv(x)
-            rtrue = rnorm = norm(xp, r)
+            rtrue = rnorm = safe_norm(xp, r)
             reopened = mon.check(x, rtrue)
             if reopened is not None:
                 # Ask the recursive residual to go as far below the tolerance as the true

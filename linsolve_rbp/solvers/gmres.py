@@ -11,7 +11,7 @@ the Gram-Schmidt orthogonalization process", Comput. Math. Appl. 50, 2005.
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Monitor, Problem, Solver, norm
+from ._base import BREAKDOWN, Monitor, Problem, Solver, norm, safe_norm
 
 __all__ = ["GMRES"]
 
@@ -258,7 +258,7 @@ class GMRES(Solver):
             else:
                 x = self._form_x(xp, dev, x, V, H, Qh, cs, sn, lives, beta, psolve)
             r = prob.b - prob.mv(x)
-            rtrue = norm(xp, r)
+            rtrue = safe_norm(xp, r)
             # The cycle minimised the residual over x_start + M K: a true residual far above
             # the one it started from means the small least-squares problem was numerically
             # singular (A singular on the Krylov space, b outside its range); keep x_start.

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import backend as _b
 from ._base import (
+    safe_norm,
     BREAKDOWN,
     CONVERGED,
     DIVERGED,
@@ -345,7 +346,8 @@ class ScipyBridge(Solver):
 
         def residual_norm(b_lib, x_native):
             r = b_lib - env.to_lib(A._matvec(x_native))
-            return float(_b.array_namespace(r).linalg.vector_norm(r))
+            # Scale-safe, so that a tiny tolerance is not met by squares that underflow.
+            return float(safe_norm(_b.array_namespace(r), r[None, ...])[0])
 
         op_kw = dict(matvec=mv, dtype=lib_dtype)
         if self.needs_rmatvec:
@@ -686,7 +688,7 @@ class ScipyLSQR(ScipyBridge):
     needs_square = False
     accepts_preconditioner = False
     options = {"damp": 0.0, "conlim": 1e8, "least_squares": False}
-    option_kinds = {"damp": "nonnegative", "conlim": "nonnegative", "least_squares": "bool"}
+    option_kinds = {"damp": "nonnegative", "conlim": "nonnegative_or_inf", "least_squares": "bool"}
 
 
 class ScipyLSMR(ScipyBridge):
@@ -702,4 +704,4 @@ class ScipyLSMR(ScipyBridge):
     needs_square = False
     accepts_preconditioner = False
     options = {"damp": 0.0, "conlim": 1e8, "least_squares": False}
-    option_kinds = {"damp": "nonnegative", "conlim": "nonnegative", "least_squares": "bool"}
+    option_kinds = {"damp": "nonnegative", "conlim": "nonnegative_or_inf", "least_squares": "bool"}
