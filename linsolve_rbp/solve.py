@@ -578,9 +578,37 @@ def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp) -> SolveR
     out = run_scaled(solver, prob)
     if work is not None:
         out.x = xp.astype(out.x, b.dtype)
+        _recheck_rounded(out, prob, b.dtype)
     result = _to_result(out, prob, opts.method, A.matvec_count - mv0, A.rmatvec_count - rmv0)
     _apply_policy(result, opts.on_failure, stacklevel=3)  # 3: the line that called solve()
     return result
+
+
+def _recheck_rounded(out, prob: Problem, low) -> None:
+    """In half precision the claims were checked on the float32 iterate; the ``x`` returned
+    is rounded to ``low``. Check the claims again on that ``x`` (one product) and withdraw
+    those its residual does not back."""
+    if prob.fixed_budget:
+        return
+    codes = _host(out.codes).astype(int)
+    claimed = codes == Status.CONVERGED.code
+    if not claimed.any():
+        return
+    from .solvers._base import safe_norm
+
+    xp = prob.xp
+    rtrue = _host(safe_norm(xp, prob.b - prob.mv(xp.astype(out.x, prob.dtype)))).astype(float)
+    thr = _host(prob.thresholds()).astype(float)
+    false = claimed & ~(rtrue <= thr)
+    rn = _host(out.residual_norm).astype(float)
+    out.residual_norm = np.where(claimed, rtrue, rn)
+    if false.any():
+        out.codes = np.where(false, Status.MAX_ITERATIONS.code, codes)
+        extra = (
+            f"x rounded to {low} misses the tolerance that its float32 iterate met; ask a "
+            "tolerance above the precision of the dtype"
+        )
+        out.note = f"{out.note}; {extra}" if out.note else extra
 
 
 def _host(a):
