@@ -670,3 +670,25 @@ def test_fixed_point_refuses_unservable_backward_requests_at_the_call():
     with pytest.raises(ValueError, match="x0"):
         lrt.implicit_grad(f, h0, torch.ones(6, dtype=torch.float64), [W], x0=torch.zeros(7, dtype=torch.float64))
     assert not calls
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("method", ["gmres", "bicgstab", "lsqr", "cgne", "scipy.gmres"])
+def test_half_precision_claims_hold_for_the_rounded_x(method, dtype_name):
+    """CONVERGED in half precision is a claim about the x returned in the input dtype, up to
+    the rounding of one product in that dtype."""
+    torch = pytest.importorskip("torch")
+    dt = getattr(torch, dtype_name)
+    eps = torch.finfo(dt).eps
+    n = 30
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        A = (3 * torch.eye(n) + torch.randn(n, n, generator=g) / n**0.5).to(dt)
+        b = torch.randn(n, generator=g).to(dt)
+        res = lr.solve(A, b, method=method, rtol=1e-3)
+        assert res.x.dtype == dt and bool(torch.isfinite(res.x).all())
+        A64, x, b64 = A.double().numpy(), res.x.double().numpy(), b.double().numpy()
+        true = np.linalg.norm(b64 - A64 @ x)
+        slack = n * eps * np.linalg.norm(A64, 2) * np.linalg.norm(x)
+        if res.converged:
+            assert true <= 1e-3 * np.linalg.norm(b64) + slack, res.message
