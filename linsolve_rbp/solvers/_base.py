@@ -202,6 +202,8 @@ class Monitor:
         self.ver_r = self.best_r
         self.ver_x = self.best_x
         self._verified = False
+        # (iteration, true residual norms) of the last check made by settle.
+        self._settled = (None, None)
         # The status codes as device arrays, made once.
         self._code = {
             c: xp.asarray(c, dtype=xp.int64, device=prob.device)
@@ -380,6 +382,28 @@ class Monitor:
         # met by a residual whose squares underflow.
         rtrue = safe_norm(self.xp, r)
         return r, rtrue, self.check(x, rtrue)
+
+    def settle(self, x):
+        """For methods whose claim check also yields their next step (``neumann``,
+        ``fixed_point``): call when :meth:`update` returned True. Checks the claims on ``x``
+        (tolerance mode) and returns ``(r, rtrue)``, the true residual to go on with, when
+        reopened systems remain and iterations are left; None when the solve ends."""
+        if self.prob.fixed_budget:
+            return None
+        r, rtrue, reopened = self.verify(x)
+        self._settled = (self.k, rtrue)
+        if self.k >= self.prob.maxiter or not self.any_active():
+            return None
+        self.tighten(reopened, rtrue)
+        return r, rtrue
+
+    def close(self, x, rnorm) -> Outcome:
+        """:meth:`finish` for methods that use :meth:`settle`: in tolerance mode the
+        returned ``x`` is checked (one product) unless :meth:`settle` just did."""
+        if not self.prob.fixed_budget:
+            k, rtrue = self._settled
+            rnorm = rtrue if k == self.k else self.verify(x)[1]
+        return self.finish(x, rnorm)
 
     def tighten(self, reopened, rtrue, factor: float = 0.5):
         """Ask the estimate of reopened systems to go as far below the target as their true

@@ -45,7 +45,6 @@ class FixedPoint(Solver):
         mon = Monitor(prob, norm(xp, r), x0=x)
         rnorm = mon.history[0]
         have_r = True  # r is the residual of the current x
-        checked = mon.k
         while mon.k < prob.maxiter:
             if not have_r:
                 r = prob.b - prob.mv(x)
@@ -54,16 +53,11 @@ class FixedPoint(Solver):
             x_prev, x = x, xp.where(active[:, None], x + r, x)
             rnorm = xp.where(active, norm(xp, r), rnorm)
             if mon.update(rnorm, x, of=x_prev):
-                if prob.fixed_budget:
-                    break
                 # The residual of the new iterate: the claim's check, and the next
                 # iteration's product if the claim fails.
-                r, rnorm, reopened = mon.verify(x)
-                checked = mon.k
-                if mon.k >= prob.maxiter or not mon.any_active():
+                go_on = mon.settle(x)
+                if go_on is None:
                     break
-                mon.tighten(reopened, rnorm)
+                r, rnorm = go_on
                 have_r = True
-        if not prob.fixed_budget and checked != mon.k:
-            _, rnorm, _ = mon.verify(x)
-        return mon.finish(x, rnorm)
+        return mon.close(x, rnorm)

@@ -58,7 +58,6 @@ class Neumann(Solver):
         zeros = xp.zeros_like(v)
         # A system whose x0 already meets the tolerance keeps x0, whose residual is known.
         g = xp.where(mon.active[:, None], x0 + v, x0)
-        checked = mon.k  # the iteration whose partial sum was last checked
         r_next = None
         while mon.k < prob.maxiter:
             if r_next is None:
@@ -73,14 +72,8 @@ class Neumann(Solver):
             g_prev, g = g, g + v
             rnorm = xp.where(active, norm(xp, v), rnorm)
             if mon.update(rnorm, g, of=g_prev):
-                if prob.fixed_budget:
+                go_on = mon.settle(g)
+                if go_on is None:
                     break
-                r, rnorm, reopened = mon.verify(g)
-                checked = mon.k
-                if mon.k >= prob.maxiter or not mon.any_active():
-                    break
-                mon.tighten(reopened, rnorm)
-                r_next = r
-        if not prob.fixed_budget and checked != mon.k:
-            _, rnorm, _ = mon.verify(g)
-        return mon.finish(g, rnorm)
+                r_next, rnorm = go_on
+        return mon.close(g, rnorm)
