@@ -487,6 +487,15 @@ class Solver:
         The method solves square systems only.
     accepts_preconditioner : bool
         ``M`` may be given.
+    needs_contraction : bool
+        The method converges only when the spectral radius of ``I - A`` is below one (fixed-point
+        iteration and the Neumann series); on other systems it reports a non-success status.
+    accepts_callback : bool
+        A ``callback`` may be given (called with each iterate).
+    outer_iterations : dict
+        Empty for methods whose ``maxiter`` counts products; for methods whose ``maxiter``
+        counts outer iterations, each of several products, the options that make one outer
+        iteration as small as the method allows (used where a test needs ``maxiter`` to bind).
     checks_claims : bool
         The method itself checks every CONVERGED it reports against the true residual
         ``||b - A x||`` (with :meth:`Monitor.verify` or :func:`verified_rounds`). A method
@@ -510,6 +519,9 @@ class Solver:
     needs_symmetric = False
     needs_square = True
     accepts_preconditioner = False
+    needs_contraction = False
+    accepts_callback = True
+    outer_iterations: dict = {}
     batched_products = True
     #: The method checks every CONVERGED it reports against the true residual (all of the
     #: package's methods do). When False, :func:`run_scaled` checks the claims of the

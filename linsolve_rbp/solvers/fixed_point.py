@@ -37,6 +37,7 @@ class FixedPoint(Solver):
 
     name = "fixed_point"
     checks_claims = True
+    needs_contraction = True
 
     def run(self, prob: Problem):
         xp = prob.xp

@@ -48,6 +48,7 @@ class Neumann(Solver):
 
     name = "neumann"
     checks_claims = True
+    needs_contraction = True
 
     def run(self, prob: Problem):
         xp = prob.xp

@@ -313,7 +313,7 @@ class ScipyBridge(Solver):
                 "solvers always test a tolerance; give rtol or atol, or use a package method "
                 "such as gmres, neumann or fixed_point"
             )
-        if self.lsq_interface and prob.callback is not None:
+        if not self.accepts_callback and prob.callback is not None:
             raise ValueError(
                 f"method {self.name!r} takes no callback: scipy.sparse.linalg.{self.function} "
                 "has no per-iteration hook and does not expose its iterates; leave callback "
@@ -630,6 +630,7 @@ class ScipyLGMRES(ScipyBridge):
     name = "scipy.lgmres"
     function = "lgmres"
     options = {"inner_m": 30, "outer_k": 3}
+    outer_iterations = {"inner_m": 1, "outer_k": 1}
     option_kinds = {"inner_m": "positive_int", "outer_k": "nonnegative_int"}
     callback_sees_x0 = True
     may_return_unreported = True
@@ -649,6 +650,7 @@ class ScipyGCROTMK(ScipyBridge):
     name = "scipy.gcrotmk"
     function = "gcrotmk"
     options = {"m": 20, "k": None, "truncate": "oldest", "discard_C": False}
+    outer_iterations = {"m": 2, "k": 1}
     option_kinds = {"m": "positive_int", "k": "positive_int_or_none",
                     "truncate": ("oldest", "smallest"), "discard_C": "bool"}
     callback_sees_x0 = True
@@ -684,6 +686,7 @@ class ScipyLSQR(ScipyBridge):
     function = "lsqr"
     limit_keyword = "iter_lim"
     lsq_interface = True
+    accepts_callback = False
     needs_rmatvec = True
     needs_square = False
     accepts_preconditioner = False
@@ -700,6 +703,7 @@ class ScipyLSMR(ScipyBridge):
     name = "scipy.lsmr"
     function = "lsmr"
     lsq_interface = True
+    accepts_callback = False
     needs_rmatvec = True
     needs_square = False
     accepts_preconditioner = False
