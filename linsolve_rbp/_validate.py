@@ -1,4 +1,4 @@
-"""The argument validators every entry point shares, and :func:`check_options`.
+"""The argument validators every entry point shares.
 
 Each validator takes the value and the argument's name, returns the normalised value (a plain
 ``int`` or ``float``), and raises a :class:`TypeError` or :class:`ValueError` whose message
@@ -6,8 +6,8 @@ names the argument and says what was expected. :func:`linsolve_rbp.solve`, the t
 adapter's ``implicit_grad`` / ``fixed_point`` and :meth:`Solver.check_options` all use them, so
 one option is judged the same way wherever it is passed.
 
-This module imports nothing above ``backend`` at module level (the method registry is looked
-up lazily), so solvers and operators may use it too.
+This module imports nothing but ``backend``, so every layer may use it; the checks that need
+the method registry (:func:`linsolve_rbp.solve.check_options`) live with the registry.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numbers
 from . import backend as _b
 
 __all__ = [
+    "ArgumentTypeError",
     "COMMON_OPTIONS",
     "ON_FAILURE",
     "positive_int",
@@ -29,8 +30,8 @@ __all__ = [
     "callable_or_none",
     "did_you_mean",
     "check_kind",
-    "check_options",
-    "check_method_name",
+    "check_common",
+    "unknown_option",
 ]
 
 #: The options every method accepts, with :func:`linsolve_rbp.solve`'s defaults.
@@ -72,6 +73,12 @@ _ALIASES = {
 }
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (``maxiter=2.5``, ``throw=1``). Both a TypeError (Python's
+    convention) and a ValueError (scipy's, for solver options), so either ``except`` catches it.
+    A value of the right type but out of range raises a plain ValueError."""
+
+
 def _is_int(value) -> bool:
     # bool is an Integral in Python, but maxiter=True is a mistake, not 1.
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -88,14 +95,16 @@ def positive_int(value, name: str, *, allow_none: bool = False) -> int | None:
         return None
     if not _is_int(value) or value < 1:
         extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
+        error = ValueError if _is_int(value) else ArgumentTypeError
+        raise error(f"{name} must be a positive integer{extra}, got {value!r}")
     return int(value)
 
 
 def nonnegative_int(value, name: str) -> int:
     """``value`` as an ``int >= 0``; else a ValueError naming ``name``."""
     if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        error = ValueError if _is_int(value) else ArgumentTypeError
+        raise error(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
@@ -115,7 +124,7 @@ def nonnegative_real(value, name: str, *, allow_none: bool = False, allow_inf: b
             pass
     extra = " or None" if allow_none else ""
     if not _is_real(value):
-        raise ValueError(f"{name} must be a non-negative real number{extra}, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a non-negative real number{extra}, got {value!r}")
     v = float(value)
     if not v >= 0 or (not allow_inf and math.isinf(v)):
         fin = "finite " if not allow_inf else ""
@@ -123,17 +132,18 @@ def nonnegative_real(value, name: str, *, allow_none: bool = False, allow_inf: b
     return v
 
 
-def boolean(value, name: str) -> bool:
-    """``value`` if it is a bool (numpy bools too); else a ValueError naming ``name`` (as
-    for every other kind of option value).
+def boolean(value, name: str, *, allow_none: bool = False) -> bool | None:
+    """``value`` if it is a bool (numpy bools too; None where ``allow_none``); else an
+    :class:`ArgumentTypeError` naming ``name``.
 
     Ints are refused on purpose: ``throw=1`` more often means a confusion of arguments.
     """
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (value is None and allow_none):
         return value
     if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
         return bool(value)
-    raise ValueError(f"{name} must be True or False, got {value!r}")
+    extra = ", False or None" if allow_none else " or False"
+    raise ArgumentTypeError(f"{name} must be True{extra}, got {value!r}")
 
 
 def choice(value, name: str, choices, *, allow_none: bool = False):
@@ -221,24 +231,9 @@ def check_kind(value, name: str, kind):
     raise ValueError(f"unknown option kind {kind!r} for option {name!r}; one of {OPTION_KINDS} or a tuple")
 
 
-def check_method_name(method) -> str:
-    """``method`` if it names an available method or ``"auto"``; else an error listing them
-    with the closest name."""
-    from .solve import methods  # lazy: solve imports this module
-
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, got {type(method).__name__}")
-    names = methods()
-    if method != "auto" and method not in names:
-        raise ValueError(
-            f"method must be one of {', '.join(['auto'] + names)}; got {method!r}"
-            f"{did_you_mean(method, names)}"
-        )
-    return method
-
-
-def _check_common(opts: dict, solver) -> dict:
-    """Validate the options every method shares (those present in ``opts``)."""
+def check_common(opts: dict) -> dict:
+    """Validate the options every method shares (those present in ``opts``), except ``M``,
+    whose check needs the operator types (:func:`linsolve_rbp.solve.check_options`)."""
     out = {}
     if "rtol" in opts:
         out["rtol"] = nonnegative_real(opts["rtol"], "rtol", allow_none=True, allow_inf=False)
@@ -274,22 +269,6 @@ def _check_common(opts: dict, solver) -> dict:
                 f"got {type(x0).__name__}"
             )
         out["x0"] = x0
-    if "M" in opts:
-        M = opts["M"]
-        if M is not None:
-            if solver is not None and not solver.accepts_preconditioner:
-                raise ValueError(
-                    f"method {solver.name!r} does not accept a preconditioner M; methods that "
-                    "do: cg, gmres, bicgstab, minres, scipy.cg, scipy.gmres, scipy.lgmres, "
-                    "scipy.gcrotmk, scipy.bicgstab"
-                )
-            from .operators.base import LinearOperator  # lazy: operators import backend only
-
-            if not (isinstance(M, LinearOperator) or callable(M) or _b.is_array(M) or _b.is_sparse(M)):
-                raise TypeError(
-                    f"M must be a LinearOperator, a matrix or a callable, got {type(M).__name__}"
-                )
-        out["M"] = M
     # Fixed-budget mode runs exactly maxiter iterations; without one there is no budget.
     rtol = out.get("rtol", COMMON_OPTIONS["rtol"])
     atol = out.get("atol", COMMON_OPTIONS["atol"])
@@ -298,7 +277,7 @@ def _check_common(opts: dict, solver) -> dict:
     return out
 
 
-def _unknown(method: str, unknown, accepted) -> TypeError:
+def unknown_option(method: str, unknown, accepted) -> TypeError:
     accepted = sorted(accepted, key=str.lower)
     first = unknown[0]
     hint = did_you_mean(first, accepted, _ALIASES)
@@ -309,67 +288,3 @@ def _unknown(method: str, unknown, accepted) -> TypeError:
     )
 
 
-def check_options(method: str, options: dict) -> dict:
-    """Validate a method name and a dict of solve options, without needing ``A`` or ``b``.
-
-    Parameters
-    ----------
-    method : str
-        A name from :func:`linsolve_rbp.methods`, or ``"auto"`` (whose method options are
-        those of ``gmres`` or ``lsqr``, the two methods it picks from; they are checked again
-        once ``A`` says which).
-    options : dict
-        Any of the common options ``rtol, atol, maxiter, x0, M, callback, throw, on_failure,
-        batch_dims, check_every, divtol`` and the method's own options (``restart`` for
-        ``gmres``, ...). ``x0`` and ``M`` can be checked here only for their kind (an array,
-        a callable); their shape, backend, device and dtype are checked against ``b`` by
-        :func:`linsolve_rbp.solve`.
-
-    Returns
-    -------
-    dict
-        The same keys, with normalised values (ints as ``int``, reals as ``float``), ready to
-        pass on as ``solve(A, b, method=method, **options)``. Defaults are not filled in.
-
-    Raises
-    ------
-    TypeError, ValueError
-        Naming the method or the option and what was expected. An unknown option's error
-        lists every option the method accepts and suggests the closest name.
-
-    Examples
-    --------
-    >>> from linsolve_rbp.solve import check_options
-    >>> check_options("gmres", {"rtol": 1e-6, "restart": 30})
-    {'rtol': 1e-06, 'restart': 30}
-    >>> check_options("gmres", {"restrat": 5})
-    Traceback (most recent call last):
-    ...
-    TypeError: method 'gmres' got unknown option 'restrat' (did you mean 'restart'?); it accepts: atol, batch_dims, callback, check_every, divtol, M, maxiter, on_failure, restart, rtol, throw, x0
-    """
-    from .solve import get_method  # lazy: solve imports this module
-
-    method = check_method_name(method)
-    if not isinstance(options, dict):
-        raise TypeError(f"options must be a dict of solve options, got {type(options).__name__}")
-    bad_keys = [k for k in options if not isinstance(k, str)]
-    if bad_keys:
-        raise TypeError(f"option names must be strings, got {bad_keys[0]!r}")
-    if method == "auto":
-        solvers = [get_method("gmres"), get_method("lsqr")]
-    else:
-        solvers = [get_method(method)]
-    own = {}
-    for s in solvers:
-        own.update({k: None for k in s.options})
-    accepted = set(COMMON_OPTIONS) | set(own)
-    unknown = [k for k in options if k not in accepted]
-    if unknown:
-        raise _unknown(method, unknown, accepted)
-    out = _check_common(options, solvers[0] if len(solvers) == 1 else None)
-    for s in solvers:
-        mine = {k: v for k, v in options.items() if k in s.options}
-        if mine or len(solvers) == 1:
-            checked = s.check_options(mine)
-            out.update({k: checked[k] for k in mine})
-    return {k: out[k] for k in options}

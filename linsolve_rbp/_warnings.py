@@ -20,6 +20,7 @@ import threading
 import warnings
 
 from ._result import ConvergenceWarning
+from ._validate import boolean, positive_int
 
 __all__ = [
     "warn_failure",
@@ -63,8 +64,7 @@ def show_all_convergence_warnings(enable: bool = True) -> bool:
     >>> _ = lr.show_all_convergence_warnings(previous)
     """
     global _SHOW_ALL
-    if not isinstance(enable, bool):
-        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+    enable = boolean(enable, "enable")
     with _LOCK:
         previous, _SHOW_ALL = _SHOW_ALL, enable
     return previous
@@ -152,8 +152,7 @@ def warn_failure(
     """
     if result is not None and message is None and getattr(result, "success", False):
         return False
-    if isinstance(stacklevel, bool) or not isinstance(stacklevel, int) or stacklevel < 1:
-        raise ValueError(f"stacklevel must be a positive integer, got {stacklevel!r}")
+    stacklevel = positive_int(stacklevel, "stacklevel")
     text = message if message is not None else getattr(result, "message", "the solve did not succeed")
     loc = tuple(location) if location is not None else _caller_location(stacklevel)
     if key is None:

@@ -11,16 +11,13 @@ import numpy as np
 
 from . import backend as _b
 from ._result import SolveError, SolveResult, Status
-from ._validate import check_options, did_you_mean
+from ._validate import COMMON_OPTIONS, check_common, did_you_mean, unknown_option
 from .operators import LinearOperator, OperatorMismatchError, aslinearoperator
 from .solvers._base import Problem, Solver, run_scaled
 
 __all__ = ["solve", "methods", "get_method", "register_method", "check_options", "SolveOptions"]
 
-try:  # deduplicated convergence warnings (see linsolve_rbp._warnings)
-    from ._warnings import warn_failure as _warn_failure
-except ImportError:  # pragma: no cover
-    _warn_failure = None
+from ._warnings import warn_failure as _warn_failure
 
 # name -> "module:Class", imported on first use.
 _REGISTRY: dict[str, str | type] = {
@@ -51,16 +48,9 @@ def register_method(name: str, solver_cls: type) -> None:
     _INSTANCES.pop(name, None)
 
 
-def _available(name: str) -> bool:
-    entry = _REGISTRY[name]
-    if isinstance(entry, type):
-        return True
-    return importlib.util.find_spec(entry.split(":")[0]) is not None
-
-
 def methods() -> list[str]:
     """Names of the available methods, for :func:`solve`'s ``method`` argument."""
-    return [name for name in _REGISTRY if _available(name)]
+    return list(_REGISTRY)
 
 
 def get_method(name: str) -> Solver:
@@ -68,7 +58,7 @@ def get_method(name: str) -> Solver:
     if not isinstance(name, str):
         raise TypeError(f"method must be a string, got {type(name).__name__}")
     if name not in _INSTANCES:
-        if name not in _REGISTRY or not _available(name):
+        if name not in _REGISTRY:
             names = methods()
             raise ValueError(
                 f"method must be one of {', '.join(['auto'] + names)}; got {name!r}"
@@ -80,6 +70,102 @@ def get_method(name: str) -> Solver:
             entry = getattr(importlib.import_module(mod), cls)
         _INSTANCES[name] = entry()
     return _INSTANCES[name]
+
+
+def check_method_name(method) -> str:
+    """``method`` if it names a registered method or ``"auto"``; else an error listing them
+    with the closest name."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    names = methods()
+    if method != "auto" and method not in names:
+        raise ValueError(
+            f"method must be one of {', '.join(['auto'] + names)}; got {method!r}"
+            f"{did_you_mean(method, names)}"
+        )
+    return method
+
+
+def _check_preconditioner_kind(M, solver):
+    """``M`` if it can be a preconditioner (None, an operator, a matrix or a callable) for
+    ``solver`` (None: not known yet)."""
+    if M is None:
+        return M
+    if solver is not None and not solver.accepts_preconditioner:
+        able = [n for n in methods() if get_method(n).accepts_preconditioner]
+        raise ValueError(
+            f"method {solver.name!r} does not accept a preconditioner M; methods that do: "
+            f"{', '.join(able)}"
+        )
+    if not (isinstance(M, LinearOperator) or callable(M) or _b.is_array(M) or _b.is_sparse(M)):
+        raise TypeError(f"M must be a LinearOperator, a matrix or a callable, got {type(M).__name__}")
+    return M
+
+
+def check_options(method: str, options: dict) -> dict:
+    """Validate a method name and a dict of solve options, without needing ``A`` or ``b``.
+
+    Parameters
+    ----------
+    method : str
+        A name from :func:`linsolve_rbp.methods`, or ``"auto"`` (whose method options are
+        those of ``gmres`` or ``lsqr``, the two methods it picks from; they are checked again
+        once ``A`` says which).
+    options : dict
+        Any of the common options ``rtol, atol, maxiter, x0, M, callback, throw, on_failure,
+        batch_dims, check_every, divtol`` and the method's own options (``restart`` for
+        ``gmres``, ...). ``x0`` and ``M`` can be checked here only for their kind (an array,
+        a callable); their shape, backend, device and dtype are checked against ``b`` by
+        :func:`linsolve_rbp.solve`.
+
+    Returns
+    -------
+    dict
+        The same keys, with normalised values (ints as ``int``, reals as ``float``), ready to
+        pass on as ``solve(A, b, method=method, **options)``. Defaults are not filled in.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the method or the option and what was expected. An unknown option's error
+        lists every option the method accepts and suggests the closest name.
+
+    Examples
+    --------
+    >>> from linsolve_rbp.solve import check_options
+    >>> check_options("gmres", {"rtol": 1e-6, "restart": 30})
+    {'rtol': 1e-06, 'restart': 30}
+    >>> check_options("gmres", {"restrat": 5})
+    Traceback (most recent call last):
+    ...
+    TypeError: method 'gmres' got unknown option 'restrat' (did you mean 'restart'?); it accepts: atol, batch_dims, callback, check_every, divtol, M, maxiter, on_failure, restart, rtol, throw, x0
+    """
+    method = check_method_name(method)
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of solve options, got {type(options).__name__}")
+    bad_keys = [k for k in options if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"option names must be strings, got {bad_keys[0]!r}")
+    if method == "auto":
+        solvers = [get_method("gmres"), get_method("lsqr")]
+    else:
+        solvers = [get_method(method)]
+    own = {}
+    for s in solvers:
+        own.update({k: None for k in s.options})
+    accepted = set(COMMON_OPTIONS) | set(own)
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise unknown_option(method, unknown, accepted)
+    out = check_common(options)
+    if "M" in options:
+        out["M"] = _check_preconditioner_kind(options["M"], solvers[0] if len(solvers) == 1 else None)
+    for s in solvers:
+        mine = {k: v for k, v in options.items() if k in s.options}
+        if mine or len(solvers) == 1:
+            checked = s.check_options(mine)
+            out.update({k: checked[k] for k in mine})
+    return {k: out[k] for k in options}
 
 
 def _resolve_auto(A: LinearOperator) -> str:
@@ -143,7 +229,7 @@ def _check_same(x, b, name):
         raise TypeError(f"{name} must be an array like b, got {type(x).__name__}")
     if _b.backend_name(x) != _b.backend_name(b):
         raise TypeError(f"{name} is a {_b.backend_name(x)} array but b is a {_b.backend_name(b)} array")
-    if str(_b.device_of(x)) != str(_b.device_of(b)):
+    if not _b.same_device(x, b):
         raise ValueError(f"{name} is on device {_b.device_of(x)} but b is on device {_b.device_of(b)}")
     if x.dtype != b.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but b has dtype {b.dtype}; they must agree")
@@ -206,7 +292,7 @@ def _product_error(what, y, x, want_shape):
         )
     if y.dtype != x.dtype:
         return TypeError(f"{what} returned dtype {y.dtype} for an input of dtype {x.dtype}; {expected}")
-    if str(_b.device_of(y)) != str(_b.device_of(x)):
+    if not _b.same_device(y, x):
         return OperatorMismatchError(
             f"{what} returned an array on device {_b.device_of(y)} for an input on device "
             f"{_b.device_of(x)}; {expected}"
@@ -380,10 +466,7 @@ def _apply_policy(result: SolveResult, on_failure: str, stacklevel: int) -> None
         return
     if on_failure == "raise":
         raise SolveError(result)
-    if _warn_failure is not None:
-        _warn_failure(result, "linear solve", stacklevel=stacklevel + 1)
-    else:  # pragma: no cover - before the warnings module existed
-        result.warn_if_failed("linear solve", stacklevel=stacklevel + 1)
+    _warn_failure(result, "linear solve", stacklevel=stacklevel + 1)
 
 
 def _as_operator(X, name):

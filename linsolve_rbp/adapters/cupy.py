@@ -11,7 +11,8 @@ already accepts dense cupy arrays and ``cupyx.scipy.sparse`` matrices. This modu
 - :func:`from_torch`: any operator over CUDA torch tensors (a
   :class:`linsolve_rbp.adapters.torch.JacobianOperator`, say) acting on cupy arrays, with the
   data shared through DLPack rather than copied;
-- :func:`to_cupy` / :func:`to_torch`: DLPack conversions (no copy).
+- :func:`to_cupy` / :func:`to_torch`: DLPack conversions (no copy), the ones of
+  :mod:`linsolve_rbp.backend`.
 
 cupy is imported only when one of these functions needs it; importing this module does not
 need cupy.
@@ -20,6 +21,7 @@ need cupy.
 from __future__ import annotations
 
 from .. import backend as _b
+from ..backend import cupy_to_torch as to_torch, torch_to_cupy as to_cupy
 from ..operators import LinearOperator, aslinearoperator as _aslinearoperator
 
 __all__ = ["aslinearoperator", "jacobian_operator", "from_torch", "to_cupy", "to_torch"]
@@ -27,51 +29,6 @@ __all__ = ["aslinearoperator", "jacobian_operator", "from_torch", "to_cupy", "to
 
 def _cupy():
     return _b.import_optional("cupy", "the cupy adapter")
-
-
-def to_cupy(t):
-    """Share a CUDA torch tensor with cupy through DLPack (no copy).
-
-    Parameters
-    ----------
-    t : torch.Tensor
-        A tensor on a CUDA device. Gradients are not tracked through the result.
-
-    Returns
-    -------
-    cupy.ndarray
-        A cupy array on the same device, viewing the same memory.
-
-    Raises
-    ------
-    TypeError
-        If ``t`` is not a torch tensor.
-    ValueError
-        If ``t`` is not on a CUDA device.
-    ImportError
-        If cupy is not installed.
-    """
-    return _b.torch_to_cupy(t)
-
-
-def to_torch(a):
-    """Share a cupy array with torch through DLPack (no copy).
-
-    Parameters
-    ----------
-    a : cupy.ndarray
-
-    Returns
-    -------
-    torch.Tensor
-        A CUDA tensor on the same device, viewing the same memory.
-
-    Raises
-    ------
-    TypeError
-        If ``a`` is not a cupy array.
-    """
-    return _b.cupy_to_torch(a)
 
 
 def aslinearoperator(A) -> LinearOperator:

@@ -1,8 +1,11 @@
 """The :class:`LinearOperator` algebra and operators over matrices and closures."""
 
-from .base import IdentityOperator, LinearOperator, MissingRmatvecError, OperatorMismatchError
-from .matrix import (
+from .base import (
     DenseOperator,
+    IdentityOperator,
+    LinearOperator,
+    MissingRmatvecError,
+    OperatorMismatchError,
     ScipyOperator,
     SparseOperator,
     TorchSparseOperator,

@@ -1,2 +1,21 @@
-"""The solvers, one method per module. Each is a :class:`~linsolve_rbp.solvers._base.Solver`
-registered by name in :mod:`linsolve_rbp.solve`."""
+"""The solvers, one method per module, and the public names for writing a new one.
+
+Each method is a :class:`Solver` subclass registered by name with
+:func:`linsolve_rbp.register_method`; :func:`linsolve_rbp.solve` validates the call and hands
+the solver a :class:`Problem` in batched form; a :class:`Monitor` applies the stopping,
+divergence and non-finite tests and returns the :class:`Outcome`. See "Adding a solver" in the
+documentation.
+"""
+
+from ._base import (
+    Monitor,
+    Outcome,
+    Problem,
+    Solver,
+    dot,
+    norm,
+    safe_norm,
+    verified_rounds,
+)
+
+__all__ = ["Solver", "Problem", "Monitor", "Outcome", "dot", "norm", "safe_norm", "verified_rounds"]

@@ -11,7 +11,6 @@ from ``prob.xp``, never from numpy, torch or cupy. They never write into ``prob.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from .. import backend as _b
 from .._result import Status
+from .._validate import COMMON_OPTIONS, check_kind, unknown_option
 
 __all__ = [
     "Problem", "Monitor", "Outcome", "Solver", "dot", "norm", "safe_norm", "run_scaled", "verified_rounds",
@@ -288,8 +288,10 @@ class Monitor:
         self.active = self.active & go
         self._dirty = True
 
-    def flag(self, mask, code: int) -> None:
-        """Mark systems in ``mask`` (still active) as stopped with ``code`` (e.g. BREAKDOWN)."""
+    def flag(self, mask, status) -> None:
+        """Mark systems in ``mask`` (still active) as stopped with ``status``: a
+        :class:`~linsolve_rbp.Status` (e.g. ``Status.BREAKDOWN``) or its integer code."""
+        code = status.code if isinstance(status, Status) else status
         self._set(self.active & mask, code)
 
     def update(self, rnorm, x=None, of=None) -> bool:
@@ -492,6 +494,9 @@ class Solver:
         iteration and the Neumann series); on other systems it reports a non-success status.
     accepts_callback : bool
         A ``callback`` may be given (called with each iterate).
+    accepts_fixed_budget : bool
+        The method can run a fixed budget of ``maxiter`` iterations with no tolerance
+        (``rtol=None, atol=None``).
     outer_iterations : dict
         Empty for methods whose ``maxiter`` counts products; for methods whose ``maxiter``
         counts outer iterations, each of several products, the options that make one outer
@@ -521,6 +526,7 @@ class Solver:
     accepts_preconditioner = False
     needs_contraction = False
     accepts_callback = True
+    accepts_fixed_budget = True
     outer_iterations: dict = {}
     batched_products = True
     #: The method checks every CONVERGED it reports against the true residual (all of the
@@ -560,11 +566,9 @@ class Solver:
         ValueError
             For a value of the wrong kind, naming the option.
         """
-        from .._validate import COMMON_OPTIONS, _unknown, check_kind
-
         unknown = [k for k in options if k not in self.options]
         if unknown:
-            raise _unknown(self.name, unknown, set(self.options) | set(COMMON_OPTIONS))
+            raise unknown_option(self.name, unknown, set(self.options) | set(COMMON_OPTIONS))
         out = dict(self.options)
         out.update(options)
         for name, kind in self.option_kinds.items():

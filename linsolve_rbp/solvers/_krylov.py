@@ -7,7 +7,7 @@ NaN or inf into the others, so divisions go through :func:`safe_div`.
 
 from __future__ import annotations
 
-__all__ = ["safe_div", "real_part", "column", "scalars", "any_active"]
+__all__ = ["safe_div", "real_part", "scalars"]
 
 
 def safe_div(xp, num, den):
@@ -25,16 +25,6 @@ def real_part(xp, a):
     return a
 
 
-def column(a):
-    """A ``(B,)`` array of per-system scalars as a ``(B, 1)`` column, to scale ``(B, n)`` rows."""
-    return a[:, None]
-
-
 def scalars(prob, value: float):
     """A ``(B,)`` array of per-system real scalars, all equal to ``value``."""
     return prob.xp.full((prob.nsys,), value, dtype=prob.real_dtype, device=prob.device)
-
-
-def any_active(mon) -> bool:
-    """Whether any system is still running (one host synchronisation)."""
-    return mon.any_active()

@@ -15,7 +15,7 @@ systems", J. Res. Natl. Bur. Stand. 49(6), 409-436, 1952.
 from __future__ import annotations
 
 from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, verified_rounds
-from ._krylov import column, real_part, safe_div
+from ._krylov import real_part, safe_div
 
 __all__ = ["CG", "conjugate_gradients"]
 
@@ -55,15 +55,15 @@ def conjugate_gradients(prob: Problem, mon: Monitor, x, r, rnorm, seed, curvatur
     p = rho_old = None
     while mon.k < prob.maxiter:
         z, rho = seed(r, x)
-        p = z if p is None else z + column(safe_div(xp, rho, rho_old)) * p
+        p = z if p is None else z + safe_div(xp, rho, rho_old)[:, None] * p
         q = prob.mv(p)
         den = curvature(p, q)
         mon.flag(((rho == 0) | (den == 0)) & (rnorm > 0), BREAKDOWN)
         active = mon.active
         alpha = xp.where(active, safe_div(xp, rho, den), xp.zeros_like(rho))
         # Stopped systems keep x and r exactly, even where their p or q hold NaN.
-        x = xp.where(column(active), x + column(alpha) * p, x)
-        r = xp.where(column(active), r - column(alpha) * q, r)
+        x = xp.where(active[:, None], x + alpha[:, None] * p, x)
+        r = xp.where(active[:, None], r - alpha[:, None] * q, r)
         rnorm = xp.where(active, norm(xp, r), rnorm)
         rho_old = rho
         if mon.update(rnorm, x):

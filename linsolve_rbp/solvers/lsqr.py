@@ -16,7 +16,7 @@ and sparse least squares", ACM Trans. Math. Softw. 8(1), 43-71, 1982.
 from __future__ import annotations
 
 from ._base import LEAST_SQUARES, Monitor, Problem, Solver, norm, verified_rounds
-from ._krylov import column, safe_div, scalars
+from ._krylov import safe_div, scalars
 
 __all__ = ["LSQR"]
 
@@ -132,10 +132,10 @@ def _lsqr(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
     beta = norm(xp, r)
 
     # Golub-Kahan start: beta u = r, alpha v = A^H u.
-    u = column(safe_div(xp, one, beta)) * r
+    u = safe_div(xp, one, beta)[:, None] * r
     v = prob.rmv(u)
     alpha = norm(xp, v)
-    v = column(safe_div(xp, one, alpha)) * v
+    v = safe_div(xp, one, alpha)[:, None] * v
     # A^H r = 0 with r != 0: x is a least-squares solution that does not solve the system.
     if not prob.fixed_budget:
         mon.flag((alpha == 0) & (beta > 0), LEAST_SQUARES)
@@ -154,15 +154,15 @@ def _lsqr(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
         return x, rnorm, arnorm
     while mon.k < prob.maxiter:
         av = prob.mv(v)
-        w = v - column(t) * w
-        aw = av - column(t) * aw
-        u = av - column(alpha) * u
+        w = v - t[:, None] * w
+        aw = av - t[:, None] * aw
+        u = av - alpha[:, None] * u
         beta = norm(xp, u)
-        u = column(safe_div(xp, one, beta)) * u
+        u = safe_div(xp, one, beta)[:, None] * u
         anorm2 = anorm2 + alpha**2 + beta**2 + damp**2
-        v_next = prob.rmv(u) - column(beta) * v
+        v_next = prob.rmv(u) - beta[:, None] * v
         alpha_next = norm(xp, v_next)
-        v = column(safe_div(xp, one, alpha_next)) * v_next
+        v = safe_div(xp, one, alpha_next)[:, None] * v_next
 
         # Eliminate the damping row, then the subdiagonal beta (plane rotations).
         if damp:
@@ -185,8 +185,8 @@ def _lsqr(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
         alpha = alpha_next
 
         active = mon.active
-        x = xp.where(column(active), x + column(step) * w, x)
-        r = xp.where(column(active), r - column(step) * aw, r)
+        x = xp.where(active[:, None], x + step[:, None] * w, x)
+        r = xp.where(active[:, None], r - step[:, None] * aw, r)
         rnorm = xp.where(active, norm(xp, r), rnorm)
         arnorm = xp.where(active, alpha_next * xp.abs(c * phibar), arnorm)
         if not prob.fixed_budget:

@@ -12,7 +12,7 @@ equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
 from __future__ import annotations
 
 from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, verified_rounds
-from ._krylov import column, real_part, safe_div, scalars
+from ._krylov import real_part, safe_div, scalars
 
 __all__ = ["MINRES"]
 
@@ -117,11 +117,11 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
     tiny = 10.0 * float(xp.finfo(prob.real_dtype).eps)
 
     while mon.k < prob.maxiter:
-        v = column(safe_div(xp, one, beta)) * y
+        v = safe_div(xp, one, beta)[:, None] * y
         av = prob.mv(v)
-        y = av - column(safe_div(xp, beta, beta_old)) * r_prev
+        y = av - safe_div(xp, beta, beta_old)[:, None] * r_prev
         alpha = real_part(xp, dot(xp, v, y))
-        y = y - column(safe_div(xp, alpha, beta)) * r_cur
+        y = y - safe_div(xp, alpha, beta)[:, None] * r_cur
         r_prev, r_cur = r_cur, y
         y = psolve(r_cur)
         beta_old = beta
@@ -147,15 +147,15 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
         phi = cs * phibar
         phibar = sn * phibar
 
-        inv_gamma = column(safe_div(xp, one, gamma))
-        w_new = (v - column(eps_old) * w_old - column(delta) * w) * inv_gamma
-        aw_new = (av - column(eps_old) * aw_old - column(delta) * aw) * inv_gamma
+        inv_gamma = safe_div(xp, one, gamma)[:, None]
+        w_new = (v - eps_old[:, None] * w_old - delta[:, None] * w) * inv_gamma
+        aw_new = (av - eps_old[:, None] * aw_old - delta[:, None] * aw) * inv_gamma
         w_old, w = w, w_new
         aw_old, aw = aw, aw_new
 
         active = mon.active
-        x = xp.where(column(active), x + column(phi) * w, x)
-        r = xp.where(column(active), r - column(phi) * aw, r)
+        x = xp.where(active[:, None], x + phi[:, None] * w, x)
+        r = xp.where(active[:, None], r - phi[:, None] * aw, r)
         rnorm = xp.where(active, norm(xp, r), rnorm)
         # The step just taken minimised the residual over the whole invariant space: a
         # system that it does not solve cannot be solved by going on.

@@ -247,6 +247,7 @@ class ScipyBridge(Solver):
     limit_keyword = "maxiter"
     accepts_preconditioner = True
     batched_products = False
+    accepts_fixed_budget = False  # scipy's solvers always test a tolerance
     # CONVERGED only where the true residual of the returned x meets the tolerance (one
     # uncounted product per system).
     checks_claims = True
@@ -307,7 +308,7 @@ class ScipyBridge(Solver):
         return not bool(xpl.all(x == xpl.reshape(ref, (-1,))))
 
     def run(self, prob: Problem) -> Outcome:
-        if prob.fixed_budget:
+        if prob.fixed_budget and not self.accepts_fixed_budget:
             raise ValueError(
                 f"method {self.name!r} cannot run a fixed budget (rtol=None, atol=None): scipy's "
                 "solvers always test a tolerance; give rtol or atol, or use a package method "
@@ -694,7 +695,7 @@ class ScipyLSQR(ScipyBridge):
     option_kinds = {"damp": "nonnegative", "conlim": "nonnegative_or_inf", "least_squares": "bool"}
 
 
-class ScipyLSMR(ScipyBridge):
+class ScipyLSMR(ScipyLSQR):
     """``scipy.sparse.linalg.lsmr`` (Fong & Saunders, SIAM J. Sci. Comput. 33, 2011): MINRES
     on the normal equations by Golub-Kahan bidiagonalisation; needs ``A^H``, takes no
     preconditioner and no callback. Options ``damp`` (0), ``conlim`` (1e8),
@@ -702,10 +703,4 @@ class ScipyLSMR(ScipyBridge):
 
     name = "scipy.lsmr"
     function = "lsmr"
-    lsq_interface = True
-    accepts_callback = False
-    needs_rmatvec = True
-    needs_square = False
-    accepts_preconditioner = False
-    options = {"damp": 0.0, "conlim": 1e8, "least_squares": False}
-    option_kinds = {"damp": "nonnegative", "conlim": "nonnegative_or_inf", "least_squares": "bool"}
+    limit_keyword = "maxiter"  # scipy names the limit of lsqr iter_lim, that of lsmr maxiter
