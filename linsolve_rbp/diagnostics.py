@@ -2,8 +2,10 @@
 will a truncated Neumann series (or fixed-point iteration) converge?
 
 All estimates use products only (``J v`` and, for the spectral norm, ``J^H u``), in the
-backend of the operator; nothing is materialised. The two regularisers are torch functions
-of a (small, dense) Jacobian, to add to a training loss.
+backend of the operator; nothing is materialised. This module is array-API code: the
+contraction penalties, torch functions of a dense Jacobian to add to a training loss, are in
+the torch adapter (:func:`linsolve_rbp.adapters.torch.column_norm_penalty`,
+:func:`linsolve_rbp.adapters.torch.gershgorin_penalty`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import backend as _b
+from ._validate import choice, nonnegative_int, nonnegative_real, positive_int
 from .operators import aslinearoperator
 
 __all__ = [
@@ -22,8 +25,6 @@ __all__ = [
     "spectral_norm",
     "spectral_radius",
     "neumann_error_bound",
-    "column_norm_penalty",
-    "gershgorin_penalty",
 ]
 
 
@@ -105,6 +106,7 @@ def dot_test(A, x=None, y=None, *, rtol: float | None = None, seed: int = 0) -> 
     >>> dot_test(M).passed
     True
     """
+    rtol = nonnegative_real(rtol, "rtol", allow_none=True)
     A = aslinearoperator(A)
     m, n = A.shape
     if x is None:
@@ -165,6 +167,8 @@ def spectral_norm(J, *, v0=None, maxiter: int = 100, rtol: float = 1e-6, seed: i
     >>> round(spectral_norm(J), 6)
     0.9
     """
+    maxiter = positive_int(maxiter, "maxiter")
+    rtol = nonnegative_real(rtol, "rtol")
     J = aslinearoperator(J)
     _template(J, v0)
     v = v0 if v0 is not None else _random(J, J.shape[1], seed, None)
@@ -174,7 +178,7 @@ def spectral_norm(J, *, v0=None, maxiter: int = 100, rtol: float = 1e-6, seed: i
         raise ValueError("v0 must be non-zero")
     v = v / nv
     est = 0.0
-    for _ in range(int(maxiter)):
+    for _ in range(maxiter):
         w = J.rmatvec(J.matvec(v))
         nw = _vnorm(xp, w)
         new = math.sqrt(nw)
@@ -216,7 +220,8 @@ def spectral_radius(J, *, v0=None, maxiter: int = 50, method: str = "arnoldi", r
     Raises
     ------
     ValueError
-        Unknown ``method``.
+        Unknown ``method``, ``maxiter`` below 1 or a negative ``rtol`` (the message names the
+        argument).
 
     Notes
     -----
@@ -233,8 +238,9 @@ def spectral_radius(J, *, v0=None, maxiter: int = 50, method: str = "arnoldi", r
     >>> round(spectral_radius(J), 6)
     0.8
     """
-    if method not in ("arnoldi", "power"):
-        raise ValueError(f"method must be 'arnoldi' or 'power', got {method!r}")
+    method = choice(method, "method", ("arnoldi", "power"))
+    maxiter = positive_int(maxiter, "maxiter")
+    rtol = nonnegative_real(rtol, "rtol")
     J = aslinearoperator(J)
     if J.shape[0] != J.shape[1]:
         raise ValueError(f"J must be square, got shape {J.shape}")
@@ -248,7 +254,7 @@ def spectral_radius(J, *, v0=None, maxiter: int = 50, method: str = "arnoldi", r
     n = J.shape[0]
     if method == "power":
         logsum, est = 0.0, 0.0
-        for k in range(1, int(maxiter) + 1):
+        for k in range(1, maxiter + 1):
             w = J.matvec(v)
             nw = _vnorm(xp, w)
             if nw == 0:
@@ -260,7 +266,7 @@ def spectral_radius(J, *, v0=None, maxiter: int = 50, method: str = "arnoldi", r
                 return new
             est = new
         return est
-    m = min(int(maxiter), n)
+    m = min(maxiter, n)
     V = [v]
     H = np.zeros((m + 1, m), dtype=complex)
     for j in range(m):
@@ -304,7 +310,8 @@ def neumann_error_bound(K: int, norm_J: float, g_norm: float = 1.0) -> float:
     Raises
     ------
     ValueError
-        ``norm_J`` is not in ``[0, 1)``, or ``K`` is negative.
+        ``norm_J`` is not in ``[0, 1)``, ``K`` is not a non-negative integer, or ``g_norm`` is
+        negative (the message names the argument).
 
     Notes
     -----
@@ -324,92 +331,8 @@ def neumann_error_bound(K: int, norm_J: float, g_norm: float = 1.0) -> float:
     >>> round(neumann_error_bound(9, 0.5), 6)   # 0.5**10 / 0.5
     0.001953
     """
-    if isinstance(K, bool) or int(K) != K or K < 0:
-        raise ValueError(f"K must be a non-negative integer, got {K!r}")
-    if not 0.0 <= norm_J < 1.0:
+    K = nonnegative_int(K, "K")
+    norm_J = nonnegative_real(norm_J, "norm_J")
+    if norm_J >= 1.0:
         raise ValueError(f"norm_J must be in [0, 1) for the Neumann series to converge, got {norm_J!r}")
-    return float(g_norm) * norm_J ** (int(K) + 1) / (1.0 - norm_J)
-
-
-def column_norm_penalty(J, mu: float = 0.9):
-    """Scarselli et al.'s contraction penalty ``sum_j max(||J[:, j]||_1 - mu, 0)^2``.
-
-    Parameters
-    ----------
-    J : torch.Tensor, shape (n, n)
-        The Jacobian ``dF/dh`` at the fixed point, differentiable with respect to the
-        parameters (e.g. from ``torch.func.jacrev``).
-    mu : float
-        Target bound on the column 1-norms, below 1.
-
-    Returns
-    -------
-    torch.Tensor
-        A scalar to add to the loss.
-
-    Notes
-    -----
-    The largest column 1-norm is ``||J||_1 >= rho(J)``, so driving every column norm below
-    ``mu < 1`` keeps the recurrent map contractive and the RBP adjoint system solvable by
-    fixed-point or Neumann iteration.
-
-    References
-    ----------
-    F. Scarselli, M. Gori, A. C. Tsoi, M. Hagenbuchner, G. Monfardini, "The Graph Neural
-    Network Model", IEEE Trans. Neural Networks 20(1), 2009. Discussed in the appendix of Liao
-    et al., ICML 2018.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from linsolve_rbp.diagnostics import column_norm_penalty
-    >>> round(float(column_norm_penalty(torch.tensor([[1.0, 0.0], [0.5, 0.2]]), mu=0.9)), 6)
-    0.36
-    """
-    import torch
-
-    if J.ndim != 2 or J.shape[0] != J.shape[1]:
-        raise ValueError(f"J must be a square matrix, got shape {tuple(J.shape)}")
-    col = J.abs().sum(dim=0)
-    return (torch.clamp(col - mu, min=0.0) ** 2).sum()
-
-
-def gershgorin_penalty(J, margin: float = 0.1):
-    """Penalty keeping the Gershgorin lower bound of ``I - J`` above ``margin``.
-
-    Every eigenvalue of ``I - J`` has real part at least
-    ``min_i (1 - J_ii - sum_{j != i} |J_ij|)`` (Gershgorin's circle theorem); the penalty is
-    ``sum_i max(margin - (1 - J_ii - sum_{j != i} |J_ij|), 0)^2``.
-
-    Parameters
-    ----------
-    J : torch.Tensor, shape (n, n)
-        The Jacobian at the fixed point, differentiable with respect to the parameters.
-    margin : float
-        Required lower bound (positive keeps ``I - J`` away from singular).
-
-    Returns
-    -------
-    torch.Tensor
-        A scalar to add to the loss.
-
-    References
-    ----------
-    S. Gershgorin, "Über die Abgrenzung der Eigenwerte einer Matrix", 1931. The penalty is
-    the appendix's alternative to Scarselli et al.'s in Liao et al., ICML 2018.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from linsolve_rbp.diagnostics import gershgorin_penalty
-    >>> round(float(gershgorin_penalty(torch.tensor([[0.5, 0.6], [0.0, 0.2]]), margin=0.1)), 6)
-    0.04
-    """
-    import torch
-
-    if J.ndim != 2 or J.shape[0] != J.shape[1]:
-        raise ValueError(f"J must be a square matrix, got shape {tuple(J.shape)}")
-    diag = torch.diagonal(J)
-    off = J.abs().sum(dim=1) - diag.abs()
-    lower = 1.0 - diag - off
-    return (torch.clamp(margin - lower, min=0.0) ** 2).sum()
+    return nonnegative_real(g_norm, "g_norm") * norm_J ** (K + 1) / (1.0 - norm_J)

@@ -79,19 +79,19 @@ def test_neumann_error_bound_rejects_non_contraction():
         dg.neumann_error_bound(-1, 0.5)
 
 
-def test_penalties_match_formulas_and_have_gradients():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(6)
-    Jn = rng.standard_normal((6, 6)) * 0.5
-    J = torch.tensor(Jn, requires_grad=True)
-    col = np.abs(Jn).sum(0)
-    assert float(dg.column_norm_penalty(J, mu=0.9)) == pytest.approx((np.maximum(col - 0.9, 0) ** 2).sum())
-    lower = 1 - np.diag(Jn) - (np.abs(Jn).sum(1) - np.abs(np.diag(Jn)))
-    assert float(dg.gershgorin_penalty(J, margin=0.1)) == pytest.approx((np.maximum(0.1 - lower, 0) ** 2).sum())
-    (dg.column_norm_penalty(J) + dg.gershgorin_penalty(J)).backward()
-    assert torch.count_nonzero(J.grad) > 0
-    small = torch.full((4, 4), 0.01)
-    assert float(dg.column_norm_penalty(small)) == 0.0
-    assert float(dg.gershgorin_penalty(small)) == 0.0
-    with pytest.raises(ValueError, match="square"):
-        dg.gershgorin_penalty(torch.zeros(2, 3))
+def test_arguments_are_checked_by_the_shared_validators():
+    M = np.eye(3) * 0.5
+    with pytest.raises(TypeError, match="K must be a non-negative integer"):
+        dg.neumann_error_bound(2.5, 0.5)
+    with pytest.raises(ValueError, match="norm_J"):
+        dg.neumann_error_bound(2, -0.1)
+    with pytest.raises(ValueError, match="g_norm"):
+        dg.neumann_error_bound(2, 0.5, -1.0)
+    with pytest.raises(ValueError, match="maxiter must be a positive integer"):
+        dg.spectral_norm(M, maxiter=0)
+    with pytest.raises(ValueError, match="rtol"):
+        dg.spectral_radius(M, rtol=-1.0)
+    with pytest.raises(ValueError, match="did you mean 'power'"):
+        dg.spectral_radius(M, method="powr")
+    with pytest.raises(ValueError, match="rtol"):
+        dg.dot_test(M, rtol=float("nan"))

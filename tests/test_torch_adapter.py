@@ -160,7 +160,7 @@ def test_fixed_point_layer_matches_dense_formula(model_name, method):
     assert info.forward.converged and info.backward is None
     (h * g).sum().backward()
     assert info.backward.success and info.backward.method == method
-    assert lrt.last_backward_result() is info.backward
+    assert info.backward_results == [info.backward]
     for p, want in zip(model.params, _exact_grads(model, h.detach(), g)):
         assert _rel(p.grad, want) < 1e-9
 
@@ -274,10 +274,11 @@ BAD_BACKWARD = {"method": "neumann", "rtol": 1e-10, "maxiter": 500}
 
 def test_failure_policy_warn():
     f, h_star, params = _repelling_linear_map()
-    h = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="warn")
+    h, info = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="warn",
+                              return_info=True)
     with pytest.warns(lr.ConvergenceWarning, match="diverged"):
         h.sum().backward()
-    assert lrt.last_backward_result().status is lr.Status.DIVERGED
+    assert info.backward.status is lr.Status.DIVERGED
     for p in params:
         assert p.grad is not None and torch.isfinite(p.grad).all()
     with pytest.warns(lr.ConvergenceWarning):
@@ -287,10 +288,14 @@ def test_failure_policy_warn():
 
 def test_failure_policy_raise():
     f, h_star, params = _repelling_linear_map()
-    h = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="raise")
+    ws = lrt.WarmStart()
+    h, info = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="raise",
+                              warm_start=ws, return_info=True)
     with pytest.raises(lr.SolveError) as err:
         h.sum().backward()
     assert err.value.result.status is lr.Status.DIVERGED
+    # The call's info and the layer's store hold the failed result; the store keeps no x.
+    assert info.backward is err.value.result and ws.last_result is err.value.result and ws.x is None
     assert all(p.grad is None for p in params)
     with pytest.raises(lr.SolveError):
         lrt.implicit_grad(f, h_star, torch.ones(4, dtype=F64), params, on_failure="raise", **BAD_BACKWARD)
@@ -298,11 +303,12 @@ def test_failure_policy_raise():
 
 def test_failure_policy_ignore():
     f, h_star, params = _repelling_linear_map()
-    h = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="ignore")
+    h, info = lrt.fixed_point(f, h_star, forward_tol=1e-8, backward=BAD_BACKWARD, on_failure="ignore",
+                              return_info=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         h.sum().backward()
-    assert not lrt.last_backward_result().success
+    assert not info.backward.success
     for p in params:
         assert torch.isfinite(p.grad).all()
 
@@ -734,6 +740,150 @@ def test_warm_start_reuses_previous_solution():
     assert ws.misses == 2
 
 
+def test_warm_start_stores_belong_to_their_layer():
+    """Two layers of the same state shape, each with its own store: neither starts from the
+    other's solution; a call without a store always starts cold."""
+    backward = {"method": "neumann", "rtol": 1e-10, "maxiter": 500}
+    a, b = TanhRNN(seed=0), TanhRNN(seed=1)
+    ws_a, ws_b = lrt.WarmStart(), lrt.WarmStart()
+
+    def layer(model, ws):
+        h, info = lrt.fixed_point(model.f, torch.zeros(model.hshape, dtype=F64), forward_tol=1e-12,
+                                  forward_maxiter=300, backward=backward, warm_start=ws, return_info=True)
+        h.sum().backward()
+        return info
+
+    layer(a, ws_a)
+    layer(a, ws_a)
+    info_b = layer(b, ws_b)
+    assert (ws_a.misses, ws_a.hits) == (1, 1) and (ws_b.misses, ws_b.hits) == (1, 0)
+    assert ws_b.last_result is info_b.backward and ws_a.last_result is not info_b.backward
+    assert not torch.equal(ws_a.x, ws_b.x)
+    cold = [layer(a, None).backward.iterations for _ in range(2)]
+    assert cold[0] == cold[1]
+    assert (ws_a.misses, ws_a.hits) == (1, 1)  # untouched by calls without it
+    ws_a.clear()
+    assert ws_a.x is None and ws_a.last_result is None
+    layer(a, ws_a)
+    assert (ws_a.misses, ws_a.hits) == (2, 1)
+
+
+def test_warm_start_true_is_refused_with_a_way_out():
+    model = TanhRNN()
+    calls = [0]
+
+    def f(h):
+        calls[0] += 1
+        return model.f(h)
+
+    h0 = torch.zeros(model.hshape, dtype=F64)
+    for error in (TypeError, ValueError):  # either except clause catches it
+        with pytest.raises(error, match=r"warm_start=True .*lrt\.WarmStart\(\).*warm_start=ws"):
+            lrt.fixed_point(f, h0, warm_start=True)
+    with pytest.raises(TypeError, match=r"warm_start must be a WarmStart.*got str"):
+        lrt.fixed_point(f, h0, warm_start="yes")
+    assert calls[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrt.fixed_point(model.f, h0, warm_start=False, forward_maxiter=200).sum().backward()  # cold
+
+
+def test_backward_result_belongs_to_the_call():
+    model = TanhRNN()
+    h0 = torch.zeros(model.hshape, dtype=F64)
+    backward = {"method": "gmres", "rtol": 1e-10}
+    h1, info1 = lrt.fixed_point(model.f, h0, forward_maxiter=300, backward=backward, return_info=True)
+    h2, info2 = lrt.fixed_point(model.f, h0, forward_maxiter=300, backward={"method": "neumann", "rtol": 1e-10},
+                                return_info=True)
+    assert info1.backward is None and info1.backward_results == []
+    h1.sum().backward(retain_graph=True)
+    assert isinstance(info1.backward, lr.SolveResult) and info1.backward.method == "gmres"
+    assert info1.backward.success and info2.backward is None  # the other call saw nothing
+    first = info1.backward
+    h1.sum().backward()  # a second pass through the same call
+    assert info1.backward_results[0] is first and info1.backward is info1.backward_results[1]
+    h2.sum().backward()
+    assert info2.backward.method == "neumann" and len(info1.backward_results) == 2
+
+
+def test_backward_results_do_not_cross_threads():
+    import threading
+
+    results = {}
+
+    def run(name, method):
+        model = TanhRNN()
+        h, info = lrt.fixed_point(model.f, torch.zeros(model.hshape, dtype=F64), forward_maxiter=300,
+                                  backward={"method": method, "rtol": 1e-10}, return_info=True)
+        h.sum().backward()
+        results[name] = info.backward
+
+    threads = [threading.Thread(target=run, args=(m, m)) for m in ("gmres", "neumann", "bicgstab")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {name: r.method for name, r in results.items()} == {m: m for m in ("gmres", "neumann", "bicgstab")}
+
+
+def test_adapter_modules_hold_no_mutable_state():
+    """No warm-start store, result, cache or registry at module level in the adapter package:
+    everything a call or a layer needs belongs to that call or layer."""
+    import collections.abc
+    import importlib
+    import pkgutil
+    import threading
+    import types
+
+    mutable = (collections.abc.MutableMapping, collections.abc.MutableSequence, collections.abc.MutableSet,
+               bytearray, threading.local, types.SimpleNamespace, lrt.WarmStart, lrt.FixedPointInfo,
+               lr.SolveResult)
+    modules = [lrt] + [importlib.import_module(f"{lrt.__name__}.{m.name}") for m in pkgutil.iter_modules(lrt.__path__)]
+    assert {m.__name__.rsplit(".", 1)[-1] for m in modules} >= {
+        "_checks", "jacobian", "implicit", "layer", "baselines", "penalties"}
+    found = []
+    for mod in modules:
+        for name, value in vars(mod).items():
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            if isinstance(value, mutable):
+                found.append(f"{mod.__name__}.{name}: {type(value).__name__}")
+            if isinstance(value, type) and value.__module__ == mod.__name__:
+                for attr, v in vars(value).items():  # class-level state shared by instances
+                    if not attr.startswith("__") and isinstance(v, mutable):
+                        found.append(f"{mod.__name__}.{name}.{attr}: {type(v).__name__}")
+    assert not found, found
+    assert not hasattr(lrt, "last_backward_result")
+
+
+def test_adapter_imports_point_downward_only():
+    """The package imports downward (_checks <- jacobian <- implicit <- layer; baselines and
+    penalties alone) and never the command line, the experiments or the test problems."""
+    import ast
+    import pathlib
+
+    order = {"_checks": 0, "jacobian": 1, "implicit": 2, "layer": 3}
+    alone = {"baselines", "penalties"}
+    forbidden = ("cli", "compare", "problems", "experiments")
+    for path in pathlib.Path(lrt.__file__).parent.glob("*.py"):
+        name = path.stem
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                targets = [node.module or ""] if node.level else []
+                absolute = [] if node.level else [node.module or ""]
+                if node.level == 1:  # inside the package
+                    target = (node.module or "").split(".")[0]
+                    if name == "__init__":
+                        continue
+                    assert name not in alone or not target, f"{name} imports .{target}"
+                    assert order.get(target, -1) < order.get(name, 99), f"{name} imports .{target}"
+                for t in targets + absolute:
+                    assert not any(part in forbidden for part in t.split(".")), f"{name} imports {t}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("linsolve_rbp."), f"{name} imports {alias.name}"
+
+
 def test_implicit_grad_x0_warm_start():
     model = TanhRNN()
     h = _fixed_point(model)
@@ -904,6 +1054,22 @@ def test_bad_input_messages():
         lrt.fixed_point(model.f, h, backward={"method": "neumann", "x0": h})
     with pytest.raises(TypeError, match="warm_start"):
         lrt.fixed_point(model.f, h, warm_start="yes")
+    # Generic values are judged by the shared validators, which name the argument.
+    with pytest.raises(TypeError, match="forward_maxiter must be a positive integer"):
+        lrt.fixed_point(model.f, h, forward_maxiter=2.5)
+    for bad in (-1.0, float("nan"), "1e-6"):
+        with pytest.raises(ValueError, match="forward_tol"):
+            lrt.fixed_point(model.f, h, forward_tol=bad)
+    with pytest.raises(TypeError, match="return_info"):
+        lrt.fixed_point(model.f, h, return_info=1)
+    with pytest.raises(ValueError, match="batch_dims"):
+        lrt.fixed_point(model.f, h, batch_dims=True)
+    with pytest.raises(ValueError, match="on_failure.*did you mean 'warn'"):
+        lrt.implicit_grad(model.f, h, torch.ones_like(h), model.params, on_failure="warm")
+    with pytest.raises(ValueError, match="jvp"):
+        lrt.implicit_grad(model.f, h, torch.ones_like(h), model.params, jvp="reverse")
+    with pytest.raises(TypeError, match="release"):
+        lrt.JacobianOperator(model.f, h).vjp_params(h, model.params, release=1)
 
 
 # -- unroll ---------------------------------------------------------------------------------
@@ -924,6 +1090,33 @@ def test_unroll_bptt_and_tbptt():
         lrt.unroll(f, h0, steps=3, truncate=4)
     with pytest.raises(ValueError, match="steps"):
         lrt.unroll(f, h0, steps=-1)
+    with pytest.raises(TypeError, match="steps must be a non-negative integer"):
+        lrt.unroll(f, h0, steps=2.0)
+    with pytest.raises(ValueError, match="truncate must be a non-negative integer"):
+        lrt.unroll(f, h0, steps=3, truncate=-1)
+
+
+# -- penalties --------------------------------------------------------------------------------
+def test_penalties_match_formulas_and_have_gradients():
+    import numpy as np
+
+    rng = np.random.default_rng(6)
+    Jn = rng.standard_normal((6, 6)) * 0.5
+    J = torch.tensor(Jn, requires_grad=True)
+    col = np.abs(Jn).sum(0)
+    assert float(lrt.column_norm_penalty(J, mu=0.9).detach()) == pytest.approx((np.maximum(col - 0.9, 0) ** 2).sum())
+    lower = 1 - np.diag(Jn) - (np.abs(Jn).sum(1) - np.abs(np.diag(Jn)))
+    assert float(lrt.gershgorin_penalty(J, margin=0.1).detach()) == pytest.approx(
+        (np.maximum(0.1 - lower, 0) ** 2).sum())
+    (lrt.column_norm_penalty(J) + lrt.gershgorin_penalty(J)).backward()
+    assert torch.count_nonzero(J.grad) > 0
+    small = torch.full((4, 4), 0.01)
+    assert float(lrt.column_norm_penalty(small)) == 0.0
+    assert float(lrt.gershgorin_penalty(small)) == 0.0
+    with pytest.raises(ValueError, match="square"):
+        lrt.gershgorin_penalty(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="J must be a torch.Tensor"):
+        lrt.column_norm_penalty(Jn)
 
 
 # -- CUDA -----------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Framework adapters.
 
-- :mod:`linsolve_rbp.adapters.torch`: Jacobians of PyTorch functions as operators, implicit
+- :mod:`linsolve_rbp.adapters.torch` (a package: ``jacobian``, ``implicit``, ``layer``,
+  ``baselines``, ``penalties``): Jacobians of PyTorch functions as operators, implicit
   gradients, a differentiable fixed-point layer whose backward pass is recurrent
-  back-propagation, and the unrolled (BPTT / TBPTT) baselines.
+  back-propagation, the unrolled (BPTT / TBPTT) baselines, and contraction penalties. It
+  keeps no module-level state.
 - :mod:`linsolve_rbp.adapters.cupy`: operators on cupy arrays and zero-copy DLPack bridges
   between CUDA torch tensors and cupy.
 

@@ -1,0 +1,262 @@
+"""The Jacobian ``J = df/dh`` of a PyTorch function at a state, as a linear operator.
+
+``J.T @ u`` is a vector-Jacobian product on one recorded evaluation of ``f``; ``J @ v`` a
+Jacobian-vector product, by forward mode (:func:`torch.func.jvp`) or the double-backward trick
+on the same record. Any method of :func:`linsolve_rbp.solve` can then work on ``I - J.T``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ... import backend as _b
+from ..._validate import boolean
+from ...operators import LinearOperator, OperatorMismatchError
+from ._checks import as_params, autocast, autocast_state, check_batch_dims, check_f_output, check_jvp, check_state
+
+__all__ = ["JacobianOperator"]
+
+
+class JacobianOperator(LinearOperator):
+    """The Jacobian ``J = df/dh`` of a PyTorch function at a state, as a linear operator.
+
+    ``f`` is evaluated once, at construction, on a detached copy of ``h`` with the graph kept.
+    Products with ``J^T`` (vector-Jacobian products, VJPs) back-propagate through that record
+    with ``retain_graph=True``; ``f`` is not evaluated again. Products with ``J``
+    (Jacobian-vector products, JVPs) use forward-mode differentiation
+    (:func:`torch.func.jvp`) or the double-backward trick on the same record.
+
+    Parameters
+    ----------
+    f : callable
+        Maps a state tensor to a state tensor of the same shape and dtype; it may close over
+        parameters and inputs (an :class:`torch.nn.Module` call is fine).
+    h : torch.Tensor
+        The state at which ``J`` is taken, any shape, real floating dtype, CPU or CUDA. It is
+        not modified, and the operator does not differentiate into it.
+    jvp : {"auto", "forward", "double_backward"}
+        How ``J @ v`` is computed. ``"forward"``: :func:`torch.func.jvp`, which evaluates ``f``
+        (primal and tangent) once per product. ``"double_backward"``: the VJP ``u -> J^T u`` is
+        recorded once with ``create_graph=True`` and ``J v`` is its VJP in ``u``; this works
+        for any ``f`` that back-propagates, and evaluates ``f`` no further. ``"auto"`` tries
+        forward mode on the first product and falls back to double backward where ``f`` does
+        not support it (in-place operations on leaves, operations without a forward-mode
+        formula).
+    batch_dims : {0, 1}
+        0: vectors are flat, of shape ``(n,)`` with ``n = h.numel()`` (or ``(K, n)`` for ``K``
+        vectors). 1: ``h`` is a batch of ``B`` samples that do not interact; the operator is
+        the per-sample block of the block-diagonal Jacobian, of shape ``(m, m)`` with
+        ``m = h[0].numel()``, and acts on ``(B, m)`` arrays (row ``i`` against sample ``i``),
+        as :func:`linsolve_rbp.solve` passes them with ``batch_dims=1``.
+
+    Attributes
+    ----------
+    output : torch.Tensor
+        The recorded ``f(h)``, attached to the graph of everything ``f`` closes over.
+    f_evals : int
+        Evaluations of ``f`` made by this operator (1 at construction, plus one per forward-mode
+        JVP).
+    jvp_mode : str or None
+        The JVP route in use (``"forward"`` or ``"double_backward"``); None before the first
+        ``J @ v`` in ``"auto"`` mode.
+    matvec_count, rmatvec_count : int
+        JVPs and VJPs applied so far (a batched product counts once).
+
+    Raises
+    ------
+    TypeError
+        If ``h`` is not a real floating dense tensor or ``f`` does not return a tensor of the
+        dtype of ``h`` (under :func:`torch.autocast`, a lower-precision floating output is
+        accepted and cast to the dtype of ``h``).
+    ValueError
+        If ``f(h)`` has another shape than ``h``, or ``jvp`` / ``batch_dims`` are invalid.
+    RuntimeError
+        From any product after :meth:`release`.
+
+    Notes
+    -----
+    Memory is constant in the number of products: the record (and, for double backward, the
+    graph of one VJP) is kept once, and products are returned detached, so an outer autograd
+    graph does not record them. Call :meth:`release` to free the record early.
+
+    The operator is tagged ``symmetric=False``: a Jacobian is not symmetric in general, so
+    :func:`linsolve_rbp.solve` refuses cg and minres on ``I - J.T`` up front.
+
+    Constructed inside a :func:`torch.autocast` region, the operator records ``f`` there (and
+    re-enters the region for forward-mode JVPs); ``f``'s output is cast to the dtype of ``h``,
+    which is the operator's dtype.
+
+    With ``batch_dims=1``, ``f`` must treat samples independently (no batch normalisation in
+    training mode, no attention across the batch); the operator then equals every diagonal
+    block of the full Jacobian.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from linsolve_rbp.adapters import torch as lrt
+    >>> W = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
+    >>> J = lrt.JacobianOperator(lambda h: h @ W.T, torch.zeros(2, dtype=torch.float64))
+    >>> J @ torch.tensor([1.0, 1.0], dtype=torch.float64)
+    tensor([0.6000, 0.3000], dtype=torch.float64)
+    >>> J.T @ torch.tensor([1.0, 1.0], dtype=torch.float64)
+    tensor([0.5000, 0.4000], dtype=torch.float64)
+    """
+
+    def __init__(self, f: Callable, h, *, jvp: str = "auto", batch_dims: int = 0):
+        if not callable(f):
+            raise TypeError(f"f must be callable, got {type(f).__name__}")
+        check_state(h, "h")
+        batch_dims = check_batch_dims(batch_dims, h)
+        jvp = check_jvp(jvp)
+        self.f = f
+        self.batch_dims = batch_dims
+        self.state_shape = tuple(h.shape)
+        self.jvp_mode = None if jvp == "auto" else jvp
+        self._dbl = None
+        self._released = False
+        # Forward-mode JVPs evaluate f again: under the autocast region f was recorded in.
+        self._autocast = autocast_state(h.device)
+        self._h = h.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = f(self._h)
+        self.output = check_f_output(out, h)
+        self.f_evals = 1
+        if batch_dims == 1:
+            self.nbatch = h.shape[0]
+            m = h[0, ...].numel()
+        else:
+            self.nbatch = None
+            m = h.numel()
+        setup = dict(dtype=h.dtype, xp=_b.array_namespace(h), device=h.device, backend="torch")
+        # A Jacobian is in general not symmetric: tag it, so that solve refuses cg / minres on
+        # I - J^T up front instead of running them to their iteration limit.
+        self._setup((m, m), symmetric=False, **setup)
+
+    def __repr__(self):
+        return (
+            f"JacobianOperator(state shape {self.state_shape}, batch_dims={self.batch_dims}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def _rows(self, x, apply):
+        """Apply ``apply`` (state-shaped -> state-shaped) to flat vectors ``x``."""
+        m = self.shape[0]
+        if self.batch_dims == 1:
+            if x.ndim != 2 or x.shape[0] != self.nbatch:
+                raise OperatorMismatchError(
+                    f"a batched Jacobian (batch_dims=1) acts on arrays of shape "
+                    f"({self.nbatch}, {m}), one row per sample; got shape {tuple(x.shape)}"
+                )
+            return apply(x.reshape(self.state_shape)).reshape(self.nbatch, m)
+        if x.ndim == 1:
+            return apply(x.reshape(self.state_shape)).reshape(m)
+        return torch.stack([apply(x[i, ...].reshape(self.state_shape)).reshape(m) for i in range(x.shape[0])])
+
+    # -- products ---------------------------------------------------------------------------------
+    def _check_alive(self, what):
+        if self._released:
+            raise RuntimeError(
+                f"{what} of a released JacobianOperator: release() freed the recorded "
+                "evaluation of f, so no product with J or J^T is available any more; build a "
+                "new JacobianOperator(f, h)"
+            )
+
+    def _vjp(self, u):
+        if not self.output.requires_grad:
+            return torch.zeros_like(u)
+        (g,) = torch.autograd.grad(self.output, self._h, grad_outputs=u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(u) if g is None else g.detach()
+
+    def _jvp_forward(self, v):
+        h = self._h.detach()
+        with torch.no_grad(), autocast(self._autocast):
+            out, t = torch.func.jvp(self.f, (h,), (v,))
+        self.f_evals += 1
+        if not isinstance(t, torch.Tensor) or t.shape != h.shape:
+            raise ValueError("forward-mode JVP of f returned an unexpected value")
+        return t.detach().to(h.dtype)
+
+    def _jvp_double_backward(self, v):
+        if self._dbl is None:
+            if not self.output.requires_grad:
+                self._dbl = (None, None)
+            else:
+                u = torch.zeros_like(self.output, requires_grad=True)
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(
+                        self.output, self._h, grad_outputs=u, create_graph=True, retain_graph=True, allow_unused=True
+                    )
+                self._dbl = (u, g)
+        u, g = self._dbl
+        if g is None or not g.requires_grad:
+            return torch.zeros_like(v)
+        (jv,) = torch.autograd.grad(g, u, grad_outputs=v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if jv is None else jv.detach()
+
+    def _jvp(self, v):
+        if self.jvp_mode == "forward":
+            return self._jvp_forward(v)
+        if self.jvp_mode == "double_backward":
+            return self._jvp_double_backward(v)
+        try:
+            out = self._jvp_forward(v)
+        except Exception:  # noqa: BLE001 - any failure of forward mode means: use the fallback
+            self.jvp_mode = "double_backward"
+            return self._jvp_double_backward(v)
+        self.jvp_mode = "forward"
+        return out
+
+    def _matvec(self, x):
+        self._check_alive("J @ v (a Jacobian-vector product)")
+        return self._rows(x, self._jvp)
+
+    def _rmatvec(self, x):
+        self._check_alive("J.T @ u (a vector-Jacobian product)")
+        return self._rows(x, self._vjp)
+
+    # -- parameters ------------------------------------------------------------------------------
+    def vjp_params(self, z, params, *, release: bool = False):
+        """``z^T df/dp`` for each tensor ``p`` of ``params``, from the recorded evaluation.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            A flat vector ``(n,)`` (``(B, m)`` with ``batch_dims=1``) or a state-shaped tensor.
+        params : sequence of torch.Tensor
+            Tensors ``f`` closes over that require grad (leaves or not).
+        release : bool
+            Free the record afterwards (no further products are possible).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            One gradient per parameter, zeros for parameters ``f`` does not use.
+        """
+        self._check_alive("vjp_params")
+        release = boolean(release, "release")
+        params = as_params(params)
+        z = z.reshape(self.state_shape).to(dtype=self.output.dtype)
+        if self.output.requires_grad and params:
+            grads = torch.autograd.grad(
+                self.output, params, grad_outputs=z, retain_graph=not release, allow_unused=True
+            )
+        else:
+            grads = (None,) * len(params)
+        if release:
+            self.release()
+        return tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads))
+
+    def release(self) -> None:
+        """Free the recorded graph. Any later product (``J @ v``, ``J.T @ u``,
+        :meth:`vjp_params`) raises RuntimeError; releasing twice is harmless."""
+        self.output = self.output.detach()
+        self._dbl = None
+        self._released = True
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` freed the record (no products are available then)."""
+        return self._released
