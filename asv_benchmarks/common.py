@@ -8,11 +8,10 @@ skip), ``time_*`` only solves, ``peakmem_*`` records the peak resident memory of
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 import linsolve_rbp as lr
+from linsolve_rbp import backend as _b
 
 try:
     # Imported here so that asv's forked benchmark processes inherit it instead of each
@@ -52,28 +51,11 @@ def torch_device(backend: str):
 
 
 def to_backend(a, backend: str):
-    """A numpy array (or scipy sparse matrix) moved to ``backend``."""
+    """A numpy array (or scipy sparse matrix) moved to ``backend`` (a name of
+    :data:`BACKENDS`; sparse matrices become torch sparse CSR tensors)."""
     if backend == "numpy":
         return a
-    device = torch_device(backend)
-    if hasattr(a, "tocsr"):
-        a = a.tocsr()
-        with warnings.catch_warnings():
-            # torch flags sparse CSR as beta on every construction; the benchmark knows.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(a.indptr.astype(np.int64)),
-                torch.from_numpy(a.indices.astype(np.int64)),
-                torch.from_numpy(a.data),
-                size=a.shape,
-            ).to(device)
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-
-def synchronize(backend: str) -> None:
-    """Wait for the device, so that a GPU timing covers the work and not only its launch."""
-    if backend == "torch-cuda":
-        torch.cuda.synchronize()
+    return _b.to_backend(a, "torch", device=torch_device(backend))
 
 
 def method_or_skip(name: str):
@@ -103,10 +85,10 @@ def check_applies(name: str, A, b, *, symmetric: bool, contractive: bool, **kwar
         raise NotImplementedError(f"{name} does not apply: {exc}") from exc
 
 
-def run_solve(name: str, A, b, backend: str, **kwargs):
+def run_solve(name: str, A, b, **kwargs):
     """One timed solve, the device synchronised at the end."""
     res = lr.solve(A, b, method=name, rtol=RTOL, maxiter=MAXITER, **kwargs)
-    synchronize(backend)
+    _b.synchronize(res.x)
     return res
 
 
@@ -118,7 +100,7 @@ class SolveBenchmark:
     kwargs: dict = {}
 
     def _solve(self):
-        return run_solve(self.method, self.A, self.b, self.backend, **self.kwargs)
+        return run_solve(self.method, self.A, self.b, **self.kwargs)
 
     def time_solve(self, *params):
         self._solve()

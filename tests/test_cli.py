@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from linsolve_rbp import backend as _b
 from linsolve_rbp.cli import main
-from linsolve_rbp.problems_hopfield import HopfieldNetwork, corrupt, load_digits
+from linsolve_rbp.problems import HopfieldNetwork, corrupt, load_digits
 
 
 def run_compare(tmp_path, capsys, *args):
@@ -225,7 +225,8 @@ def test_run_compare_on_a_user_built_torch_case():
     torch = pytest.importorskip("torch")
     import linsolve_rbp as lr
     from linsolve_rbp.adapters import torch as lrt
-    from linsolve_rbp.compare import Case, format_table, run_compare
+    from linsolve_rbp.cli.compare import Case, run_compare
+    from linsolve_rbp.cli.report import format_table
 
     torch.manual_seed(0)
     n = 30
@@ -251,3 +252,44 @@ def test_run_compare_on_a_user_built_torch_case():
     assert rows["cg"]["status"].startswith("n/a")
     assert rows["gmres"]["rel_error"] < 1e-8 and rows["cgne"]["rel_error"] < 1e-8
     assert "gmres" in format_table(list(rows.values()))
+
+
+def test_imports_load_no_plotting_or_progress_package():
+    """Importing the library, the problems, the experiments and even the command line imports
+    neither matplotlib nor tqdm: they load only when a plot is drawn or a bar is shown."""
+    code = (
+        "import sys\n"
+        "import linsolve_rbp, linsolve_rbp.problems, linsolve_rbp.problems.data\n"
+        "import linsolve_rbp.cli, linsolve_rbp.cli.compare, linsolve_rbp.cli.report, linsolve_rbp.cli.reproduce\n"
+        "import linsolve_rbp.experiments.hopfield, linsolve_rbp.experiments.hyperopt\n"
+        "import linsolve_rbp.experiments.citation, linsolve_rbp.experiments.fresh\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'tqdm')]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    code = (
+        "import matplotlib\n"
+        "from linsolve_rbp.cli import main\n"
+        f"main(['compare', '--problem', 'contractive', '--size', '20', '--methods', 'gmres', '--out', {str(tmp_path)!r}])\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    env = dict(__import__("os").environ, MPLBACKEND="svg")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "svg"
+    assert (tmp_path / "compare-contractive.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_without_matplotlib_names_the_cli_extra(monkeypatch, capsys):
+    from linsolve_rbp import backend
+
+    real = backend.has_module
+    monkeypatch.setattr(backend, "has_module", lambda name: False if name == "matplotlib" else real(name))
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--problem", "contractive", "--size", "20"])
+    assert exc.value.code == 2
+    assert "pip install linsolve_rbp[cli]" in capsys.readouterr().err

@@ -8,7 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from linsolve_rbp.experiments import _backward, citation, data, hopfield, hyperopt, register_cli  # noqa: E402
+from linsolve_rbp.cli.reproduce import register  # noqa: E402
+from linsolve_rbp.experiments import _backward, citation, hopfield, hyperopt  # noqa: E402
+from linsolve_rbp.problems import corrupt, data, load_digits  # noqa: E402
 
 SMALL = (12, 6, 3)
 
@@ -92,7 +94,7 @@ def test_random_start_rbp_is_less_accurate_than_neumann_at_k10():
 
 
 def test_hopfield_rbp_fails_more_often_than_neumann_at_k10():
-    imgs, _ = data.load_hopfield_digits()
+    imgs = load_digits()[0]
     cfg = hopfield.HopfieldConfig(hidden=32, steps=20, lr=1e-2)
     neu = [hopfield.train("neumann", imgs[:3], truncate=10, epochs=6, seed=s, cfg=cfg) for s in range(3)]
     rbp = [hopfield.train("rbp", imgs[:3], truncate=10, epochs=6, seed=s, cfg=cfg) for s in range(3)]
@@ -105,7 +107,7 @@ def test_hopfield_rbp_fails_more_often_than_neumann_at_k10():
 
 @pytest.mark.parametrize("method", ["bptt", "tbptt", "neumann"])
 def test_hopfield_weights_stay_symmetric_with_zero_diagonal(method):
-    imgs, _ = data.load_hopfield_digits()
+    imgs = load_digits()[0]
     cfg = hopfield.HopfieldConfig(hidden=16, steps=6, lr=1e-2)
     out = hopfield.train(method, imgs[:2], truncate=3, epochs=2, cfg=cfg, keep_weights=True)
     W = out["W"]
@@ -115,13 +117,15 @@ def test_hopfield_weights_stay_symmetric_with_zero_diagonal(method):
 
 
 def test_hopfield_corrupt_turns_off_half_the_lit_pixels():
-    imgs, labels = data.load_hopfield_digits()
+    imgs, labels, _ = load_digits()
     assert imgs.shape == (10, 784) and list(labels) == list(range(10))
-    c = hopfield.corrupt(imgs, 0.5, seed=0)
+    c = corrupt(imgs, 0.5, seed=0)
     assert np.all(c <= imgs)
-    lit, kept = imgs.sum(1), c.sum(1)
-    assert np.all(np.abs(kept - lit / 2) <= 1)
-    np.testing.assert_array_equal(c, hopfield.corrupt(imgs, 0.5, seed=0))
+    # int(fraction * lit) pixels go off, as in the paper's code.
+    np.testing.assert_array_equal(c.sum(1), imgs.sum(1) - (0.5 * imgs.sum(1)).astype(int))
+    np.testing.assert_array_equal(c, corrupt(imgs, 0.5, seed=0))
+    odd = np.ones((1, 7))
+    assert corrupt(odd, 0.5, seed=0).sum() == 7 - 3
 
 
 def test_hopfield_success_criterion():
@@ -219,7 +223,7 @@ def test_citation_split_and_training_on_toy_graph():
 
 def test_register_cli_adds_reproduce(tmp_path):
     p = argparse.ArgumentParser()
-    register_cli(p.add_subparsers())
+    register(p.add_subparsers())
     a = p.parse_args(["reproduce", "hyperopt", "--quick", "--out", str(tmp_path), "--cost-steps", "0",
                       "--methods", "neumann"])
     assert a.func(a) == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backward
+from .progress import progress_bar
 
 __all__ = ["pca", "split", "GNN", "train_gnn", "train_baseline"]
 
@@ -112,7 +113,7 @@ def train_gnn(method: str, graph: dict, *, seed: int = 0, epochs: int = 2000, st
     method : str
         ``"bptt"``, ``"tbptt"``, ``"rbp"``, or a :func:`linsolve_rbp.solve` method.
     graph : dict
-        From :func:`~linsolve_rbp.experiments.data.load_planetoid`.
+        From :func:`~linsolve_rbp.problems.data.load_planetoid`.
     seed : int
         Seed of the split and of the initial weights.
     epochs, steps, truncate : int
@@ -146,7 +147,6 @@ def train_gnn(method: str, graph: dict, *, seed: int = 0, epochs: int = 2000, st
     True
     """
     import torch
-    from tqdm.auto import tqdm
 
     _backward.resolve(method)
     n = graph["features"].shape[0]
@@ -167,7 +167,7 @@ def train_gnn(method: str, graph: dict, *, seed: int = 0, epochs: int = 2000, st
 
     out = {"method": method, "seed": seed, "truncate": truncate, "train_loss": [], "val_acc": [],
            "solver_failures": 0, "best_val_acc": -1.0, "test_acc": float("nan")}
-    for epoch in tqdm(range(epochs), desc=f"gnn {method}", disable=not progress, leave=False):
+    for epoch in progress_bar(range(epochs), enabled=progress, desc=f"gnn {method}"):
         ops = model.out_params()
         loss, grads, h_T, res = _backward.backward(
             method, step, h0, model.step_params(), lambda h: loss_fn(h, *ops), steps, truncate,

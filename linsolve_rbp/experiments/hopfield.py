@@ -8,7 +8,9 @@ is BPTT, TBPTT or an RBP-family adjoint solve at the final state (see
 :mod:`linsolve_rbp.experiments._backward`).
 
 Table 1 of the paper reports the success rate over trials, a trial succeeding when its final
-training loss is below half of the initial one.
+training loss is below half of the initial one. The digits, their corruption and the unit
+layout are :mod:`linsolve_rbp.problems.hopfield`'s (shared with ``linsolve-rbp compare``,
+which solves the adjoint system of closed-form weights instead of training them).
 
 References
 ----------
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import positive_int
+from ..problems.hopfield import N_PIXELS, corrupt
 from . import _backward
+from .progress import progress_bar
 
-__all__ = ["HopfieldConfig", "init_weights", "corrupt", "run", "train", "success"]
-
-N_PIXELS = 784
+__all__ = ["HopfieldConfig", "init_weights", "symmetrise", "run", "evaluate", "train", "success"]
 
 
 class HopfieldConfig:
@@ -62,17 +65,6 @@ def symmetrise(V):
 def init_weights(cfg: HopfieldConfig, seed: int):
     """``W = randn * scale``, symmetrised (``W + W^T``), zero diagonal."""
     return symmetrise(_raw_weights(cfg, seed))
-
-
-def corrupt(images: np.ndarray, fraction: float = 0.5, seed: int = 1234) -> np.ndarray:
-    """Turn off ``fraction`` of the lit pixels of each image (fixed random state)."""
-    rng = np.random.RandomState(seed)
-    out = images.copy()
-    for i in range(out.shape[0]):
-        lit = np.flatnonzero(out[i])
-        off = rng.choice(lit, size=int(round(fraction * lit.size)), replace=False)
-        out[i, off] = 0
-    return out
 
 
 def _step_fn(cfg, x):
@@ -135,7 +127,7 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
         ``"bptt"``, ``"tbptt"``, ``"rbp"`` (fixed-point iteration from ``U[0, 1]``), or a
         :func:`linsolve_rbp.solve` method (``"neumann"``, ``"cgne"``, ``"gmres"``, ``"lsqr"``).
     images : numpy.ndarray, shape (m, 784)
-        Binary images (the paper's ten digits: :func:`~linsolve_rbp.experiments.data.load_hopfield_digits`).
+        Binary images (the paper's ten digits: :func:`linsolve_rbp.problems.load_digits`).
     truncate : int
         TBPTT steps or solver iterations.
     epochs : int
@@ -159,19 +151,18 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
 
     Examples
     --------
-    >>> from linsolve_rbp.experiments import hopfield, data
-    >>> imgs, _ = data.load_hopfield_digits()
+    >>> from linsolve_rbp.experiments import hopfield
+    >>> from linsolve_rbp.problems import load_digits
+    >>> imgs = load_digits()[0]
     >>> cfg = hopfield.HopfieldConfig(hidden=16, steps=5)
     >>> out = hopfield.train("neumann", imgs[:2], truncate=3, epochs=1, cfg=cfg)
     >>> len(out["train_loss"])
     2
     """
     import torch
-    from tqdm.auto import tqdm
 
     cfg = cfg or HopfieldConfig()
-    if isinstance(epochs, bool) or int(epochs) < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    epochs = positive_int(epochs, "epochs")
     _backward.resolve(method)
     dtype = getattr(torch, cfg.dtype)
     X = torch.as_tensor(np.asarray(images), dtype=dtype)
@@ -197,7 +188,7 @@ def train(method: str, images: np.ndarray, *, truncate: int = 20, epochs: int = 
         out["val_acc"].append(va)
 
     record()
-    bar = tqdm(range(epochs), desc=f"hopfield {method} K={truncate}", disable=not progress, leave=False)
+    bar = progress_bar(range(epochs), enabled=progress, desc=f"hopfield {method} K={truncate}")
     for _ in bar:
         for i in torch.randperm(X.shape[0], generator=gen).tolist():
             x = X[i:i + 1, ...]

@@ -32,7 +32,13 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from typing import Any
+
+from .._validate import positive_int
+from . import _backward
+from .fresh import MEMORY_ENV, run_fresh
+from .progress import progress_bar
 
 __all__ = [
     "LAYER_SIZES",
@@ -47,6 +53,8 @@ __all__ = [
     "inner_step",
     "hypergradient",
     "meta_train",
+    "cost_data",
+    "cost_meta_gradient",
     "cost_table",
 ]
 
@@ -54,8 +62,7 @@ LAYER_SIZES = (784, 50, 50, 50, 10)
 #: Two per weight matrix and bias vector: 8 log learning rates, then 8 momentum logits.
 N_HPARAMS = 16
 #: Methods that differentiate through the unrolled steps rather than solve a linear system.
-UNROLLED_METHODS = ("bptt", "tbptt")
-_ALIASES = {"rbp": "fixed_point", "neumann_rbp": "neumann", "cg_rbp": "cgne"}
+UNROLLED_METHODS = _backward.UNROLLED
 
 
 def _torch():
@@ -262,23 +269,11 @@ def hypergradient(method: str, hparams, data, *, steps: int = 100, truncate: int
     torch = _torch()
     import linsolve_rbp as lr
 
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    solver = _backward.resolve(method)
     X, y = _check_data(data)
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    steps = int(steps)
-    solver = None
-    if method not in UNROLLED_METHODS:
-        solver = _ALIASES.get(method, method)
-        if solver not in lr.methods():
-            raise ValueError(
-                f"method must be one of {', '.join(UNROLLED_METHODS + tuple(_ALIASES) + tuple(lr.methods()))}; "
-                f"got {method!r}")
+    steps = positive_int(steps, "steps")
     if method != "bptt":
-        if truncate is None or isinstance(truncate, bool) or int(truncate) != truncate or truncate < 1:
-            raise ValueError(f"truncate must be a positive integer for method {method!r}, got {truncate!r}")
-        truncate = int(truncate)
+        truncate = positive_int(truncate, "truncate")
     G = len(param_shapes(layer_sizes))
     hp = hparams.detach().clone()
     if hp.shape != (2 * G,):
@@ -386,7 +381,6 @@ def meta_train(method: str, data, *, meta_iters: int = 100, meta_lr: float = 0.0
     2
     """
     torch = _torch()
-    from tqdm.auto import tqdm
 
     X, _ = _check_data(data)
     hp = (init_hparams(dtype=X.dtype) if hparams0 is None else hparams0.detach().clone()).to(X.device)
@@ -395,7 +389,7 @@ def meta_train(method: str, data, *, meta_iters: int = 100, meta_lr: float = 0.0
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[decay_at], gamma=0.1)
     params0 = init_params(seed, kwargs.get("layer_sizes", LAYER_SIZES), dtype=X.dtype).to(X.device)
     out = {"method": method, "meta_loss": [], "time_s": [], "status": []}
-    for _ in tqdm(range(meta_iters), desc=f"hyperopt {method}", disable=not progress, leave=False):
+    for _ in progress_bar(range(meta_iters), enabled=progress, desc=f"hyperopt {method}"):
         loss, g, info = hypergradient(method, hp, data, steps=steps, truncate=truncate,
                                       params0=params0, seed=seed, **kwargs)
         out["meta_loss"].append(loss)
@@ -409,75 +403,77 @@ def meta_train(method: str, data, *, meta_iters: int = 100, meta_lr: float = 0.0
     return out
 
 
-def _cost_child(conn, method, steps, truncate, n, seed):
-    import resource
+def cost_data(n: int, seed: int = 0, threads: int = 1, warm_up: str | None = None):
+    """What one cost measurement needs, made in the measuring process before it measures:
+    torch on ``threads`` threads, random data of ``n`` examples (:func:`random_data`) and the
+    initial hyperparameters.
 
+    ``warm_up`` names a method to run once on a 400-example slice first, so that one-off
+    kernel set-up is not charged to the measurement. (A warm-up on the full data would
+    already reach the full-batch last step's peak and hide it from the memory figure.)
+
+    Returns
+    -------
+    (data, hparams)
+    """
     torch = _torch()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(threads))
     data = random_data(n=n, seed=seed)
     hp = init_hparams()
-    # Warm up kernels on a small slice: a warm-up on the full data would already reach the
-    # full-batch last step's peak and hide it from the measurement.
-    small = (data[0][:2 * 200, ...], data[1][:2 * 200])
-    hypergradient(method, hp, small, steps=2, truncate=1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    hypergradient(method, hp, data, steps=steps, truncate=truncate, seed=seed)
-    elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    conn.send((elapsed, (peak - base) / 1024.0))  # ru_maxrss is in KiB on Linux
-    conn.close()
+    if warm_up is not None:
+        small = (data[0][:400, ...], data[1][:400])
+        hypergradient(warm_up, hp, small, steps=2, truncate=1, batch_size=200)
+    return data, hp
+
+
+def cost_meta_gradient(prepared, method: str, **kwargs) -> dict:
+    """One meta-gradient by :func:`hypergradient` on ``prepared = cost_data(...)``.
+
+    Neumann-RBP runs exactly its ``truncate`` terms (no divergence stop), as in the paper.
+
+    Returns
+    -------
+    dict
+        ``iterations``, ``graph_steps`` and ``status`` of the call (a small, picklable
+        summary: :func:`linsolve_rbp.experiments.fresh.run_fresh` sends it back).
+    """
+    data, hp = prepared
+    if method == "neumann":
+        kwargs.setdefault("solver_options", {"divtol": None})
+    _, _, info = hypergradient(method, hp, data, **kwargs)
+    return {"iterations": info["iterations"], "graph_steps": info["graph_steps"], "status": info["status"]}
 
 
 def cost_table(data, *, steps: int = 1000, truncations=(10, 50, 100), seed: int = 0) -> dict:
     """Time and extra peak memory of one BPTT and one Neumann-RBP meta-gradient (Table 3).
 
-    Each measurement runs in a fresh process on random data of ``data``'s size (CPU, one
-    thread). Time comes from one process; memory from a second one started with glibc's
-    ``MALLOC_MMAP_THRESHOLD_=0``, so that every freed block goes back to the system and the
-    peak resident set follows the live tensors: memory is the growth of that peak during the
-    call over its level after the data are made and kernels warmed up on a 400-example slice.
-    It counts the graph kept for back-propagation and, for Neumann-RBP, the full-batch last
-    step. Without that setting, freed heap is reused and a small growth goes unseen.
+    Each measurement runs in a fresh process (:func:`linsolve_rbp.experiments.fresh.run_fresh`)
+    on random data of ``data``'s size (CPU, one thread), after the data are made and kernels
+    warmed up on a 400-example slice. Time comes from one process; memory from a second one
+    started with :data:`~linsolve_rbp.experiments.fresh.MEMORY_ENV` (glibc's mmap threshold
+    fixed at 128 KiB), so that freed large blocks go back to the system and the peak resident
+    set follows the live tensors: memory is the growth of that peak during the call. It counts
+    the graph kept for back-propagation and, for Neumann-RBP, the full-batch last step.
 
     Returns
     -------
     dict
         ``bptt`` (``time_s``, ``memory_mb``), ``neumann`` (per truncation) and ``ratios``
-        (BPTT / Neumann-RBP, per truncation).
+        (BPTT / Neumann-RBP, per truncation). ``memory_mb`` is in MiB.
     """
-    import multiprocessing as mp
-    import os
-
     n = int(data[0].shape[0])
-    ctx = mp.get_context("spawn")
-
-    def child(method, K, env):
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # a spawned child reads the environment at start
-        try:
-            parent, conn = ctx.Pipe()
-            p = ctx.Process(target=_cost_child, args=(conn, method, steps, K, n, seed))
-            p.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        out = parent.recv()
-        p.join()
-        return out
 
     def measure(method, K):
-        t, _ = child(method, K, {})
-        _, m = child(method, K, {"MALLOC_MMAP_THRESHOLD_": "0"})
-        return {"time_s": t, "memory_mb": m}
+        setup = partial(cost_data, n, seed, 1, method)
+        kw = dict(steps=steps, truncate=K, seed=seed)
+        t = run_fresh(cost_meta_gradient, method, setup=setup, **kw).seconds
+        m = run_fresh(cost_meta_gradient, method, setup=setup, env=MEMORY_ENV, **kw).peak_bytes
+        return {"time_s": t, "memory_mb": m / 2**20}
 
     out = {"steps": steps, "n": n, "bptt": measure("bptt", None), "neumann": {}, "ratios": {}}
     for K in truncations:
         r = out["neumann"][str(K)] = measure("neumann", K)
-        # ru_maxrss is a high-water mark: a growth under 1 MB gives no meaningful ratio.
+        # A growth under 1 MB is within the noise of the resident set: no meaningful ratio.
         out["ratios"][str(K)] = {"time": out["bptt"]["time_s"] / r["time_s"],
                                  "memory": (out["bptt"]["memory_mb"] / r["memory_mb"]
                                             if r["memory_mb"] >= 1.0 else None)}

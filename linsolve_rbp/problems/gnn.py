@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import positive_int
+
 __all__ = ["GNNAdjoint", "gnn_adjoint"]
 
 
@@ -71,17 +73,16 @@ def gnn_adjoint(nodes: int = 150, hidden: int = 16, degree: int = 4, classes: in
 
     Examples
     --------
-    >>> from linsolve_rbp.problems_gnn import gnn_adjoint
+    >>> from linsolve_rbp.problems import gnn_adjoint
     >>> sysm = gnn_adjoint(nodes=20, hidden=4)
     >>> tuple(sysm.h_star.shape), tuple(sysm.b.shape)
     ((80,), (80,))
     """
     import torch
 
-    for name, v in (("nodes", nodes), ("hidden", hidden), ("degree", degree), ("classes", classes),
-                    ("batch", batch)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    nodes, hidden, degree, classes, batch = (
+        positive_int(v, name) for v, name in ((nodes, "nodes"), (hidden, "hidden"), (degree, "degree"),
+                                              (classes, "classes"), (batch, "batch")))
     dtype = torch.float64 if dtype is None else dtype
     gen = torch.Generator().manual_seed(int(seed))
     torch_state = torch.random.get_rng_state()

@@ -1,14 +1,13 @@
 """Compare every method of :func:`linsolve_rbp.methods` on one linear system.
 
 This is the engine of ``linsolve-rbp compare``: :func:`build_case` builds the system (the
-Hopfield adjoint system of Liao et al. 2018 by default), :func:`run_compare` solves it with each
-method and measures what each solve cost and how accurate it is, and :func:`format_table`,
-:func:`write_json` and :func:`plot_histories` report the results.
+Hopfield adjoint system of Liao et al. 2018 by default, from :mod:`linsolve_rbp.problems`),
+:func:`run_compare` solves it with each method and measures what each solve cost and how
+accurate it is; :mod:`linsolve_rbp.cli.report` prints, saves and plots the results.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -18,9 +17,20 @@ from typing import Any, Callable
 import numpy as np
 import scipy.sparse as sp
 
-from . import backend as _b
-from .operators import IdentityOperator, LinearOperator, aslinearoperator
-from .solve import get_method, methods, solve
+from .. import backend as _b
+from .._validate import choice, nonnegative_real, positive_int
+from ..experiments.progress import progress_bar
+from ..operators import IdentityOperator, LinearOperator, aslinearoperator
+from ..problems import (
+    HopfieldNetwork,
+    convection_diffusion,
+    corrupt,
+    gnn_adjoint,
+    hopfield_weights,
+    load_digits,
+    random_contractive,
+)
+from ..solve import get_method, methods, solve
 
 __all__ = [
     "PROBLEMS",
@@ -29,9 +39,8 @@ __all__ = [
     "build_case",
     "run_method",
     "run_compare",
-    "format_table",
-    "write_json",
-    "plot_histories",
+    "applicability",
+    "load_matrix",
 ]
 
 PROBLEMS = ("hopfield", "gnn", "convdiff", "contractive")
@@ -81,62 +90,7 @@ class Case:
     a time (the scipy bridges) and so cannot use the batched operator."""
 
 
-# -- backends -----------------------------------------------------------------------------------
-
-def _namespace(backend: str, device, dtype: str):
-    """``(xp, dtype, device, to_backend)`` for the backend asked for."""
-    if backend == "numpy":
-        if device not in (None, "cpu"):
-            raise UsageError(f"--device {device} needs --backend torch or cupy (numpy runs on the cpu)")
-        dt = np.dtype(dtype)
-        return np, dt, "cpu", lambda a: np.asarray(a, dtype=dt)
-    if backend == "torch":
-        if not _b.has_module("torch"):
-            raise UsageError("--backend torch needs PyTorch: pip install linsolve_rbp[torch]")
-        import torch
-        from array_api_compat import torch as xp
-
-        dev = torch.device(device or "cpu")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: PyTorch sees no CUDA device")
-        dt = getattr(torch, dtype)
-        return xp, dt, dev, lambda a: torch.as_tensor(np.asarray(a), dtype=dt, device=dev)
-    if backend == "cupy":
-        if not _b.has_module("cupy"):
-            raise UsageError("--backend cupy needs CuPy, which is not installed: pip install linsolve_rbp[cupy]")
-        import cupy
-        from array_api_compat import cupy as xp
-
-        dev = cupy.cuda.Device(int(str(device or "0").split(":")[-1]))
-        dt = getattr(cupy, dtype)
-
-        def conv(a):
-            with dev:
-                return cupy.asarray(np.asarray(a), dtype=dt)
-
-        return xp, dt, dev, conv
-    raise UsageError(f"--backend must be numpy, torch or cupy, got {backend!r}")
-
-
-def _matrix_operator(M, backend, conv, dtype):
-    """``M`` (numpy or scipy.sparse) as an operator in the target backend."""
-    if sp.issparse(M):
-        M = M.tocsr()
-        if backend == "numpy":
-            return aslinearoperator(M.astype(dtype))
-        if backend == "torch":
-            import torch
-
-            data = conv(M.data)
-            return aslinearoperator(torch.sparse_csr_tensor(
-                torch.as_tensor(M.indptr, device=data.device), torch.as_tensor(M.indices, device=data.device),
-                data, size=M.shape))
-        import cupyx.scipy.sparse as csp
-
-        return aslinearoperator(csp.csr_matrix((conv(M.data), conv(M.indices).astype("int32"),
-                                                conv(M.indptr).astype("int32")), shape=M.shape))
-    return aslinearoperator(conv(M))
-
+# -- systems ------------------------------------------------------------------------------------
 
 def _rhs(n, batch, seed):
     rng = np.random.default_rng(seed)
@@ -172,8 +126,6 @@ def _finish_case(name, desc, A, b2d, conv, batch, symmetric, reference, adjoint,
 # -- problems -----------------------------------------------------------------------------------
 
 def _hopfield(backend, xp, dt, dev, conv, batch, seed):
-    from .problems_hopfield import HopfieldNetwork, corrupt, hopfield_weights, load_digits
-
     if batch is None:
         batch = 10
     if not 1 <= batch <= 10:
@@ -187,7 +139,7 @@ def _hopfield(backend, xp, dt, dev, conv, batch, seed):
     if backend == "torch":
         import torch
 
-        from .adapters.torch import JacobianOperator
+        from ..adapters.torch import JacobianOperator
 
         Wt, clamp, free = conv(W), conv(net.clamp), conv(net.free)
 
@@ -198,8 +150,7 @@ def _hopfield(backend, xp, dt, dev, conv, batch, seed):
         hs = conv(h) if batch > 1 else conv(h[0])
         J = JacobianOperator(f, hs, batch_dims=1 if batch > 1 else 0)
     else:
-        J = net.adjoint_operator(h, xp=None if backend == "numpy" else xp, dtype=dt,
-                                 device=None if backend == "numpy" else dev)
+        J = net.adjoint_operator(h, backend, dtype=dt, device=dev)
     like = conv(np.zeros(1))
     A = IdentityOperator(net.n, like=like) - J.T
 
@@ -210,8 +161,7 @@ def _hopfield(backend, xp, dt, dev, conv, batch, seed):
                 c, hk = clamp[k, ...], conv(h[k])
                 Jk = JacobianOperator(lambda s, c=c: c + free * (torch.sigmoid(0.5 * s) @ Wt), hk)
             else:
-                Jk = net.adjoint_operator(h[k:k + 1], xp=None if backend == "numpy" else xp, dtype=dt,
-                                          device=None if backend == "numpy" else dev)
+                Jk = net.adjoint_operator(h[k:k + 1], backend, dtype=dt, device=dev)
             out.append((IdentityOperator(net.n, like=like) - Jk.T, conv(g[k])))
         return out
 
@@ -241,8 +191,7 @@ def _hopfield(backend, xp, dt, dev, conv, batch, seed):
 def _gnn(backend, xp, dt, dev, conv, batch, seed, size):
     if backend != "torch":
         raise UsageError("--problem gnn is a PyTorch model: use --backend torch")
-    from .adapters.torch import JacobianOperator
-    from .problems_gnn import gnn_adjoint
+    from ..adapters.torch import JacobianOperator
 
     batch = 1 if batch is None else batch
     nodes = 100 if size is None else size
@@ -262,13 +211,11 @@ def _gnn(backend, xp, dt, dev, conv, batch, seed, size):
 
 
 def _contractive(backend, xp, dt, dev, conv, batch, seed, size, rho):
-    from .problems import random_contractive
-
     n = 500 if size is None else size
     rho = 0.9 if rho is None else rho
     batch = 1 if batch is None else batch
     Jm = random_contractive(n, rho=rho, seed=seed)
-    J = _matrix_operator(Jm, backend, conv, dt)
+    J = aslinearoperator(conv(Jm))
     A = IdentityOperator(n, like=conv(np.zeros(1))) - J.T
     b2d = _rhs(n, batch, seed)
     reference = _dense_reference(lambda: np.eye(n) - Jm.T, b2d) if n <= DENSE_LIMIT else None
@@ -278,15 +225,13 @@ def _contractive(backend, xp, dt, dev, conv, batch, seed, size, rho):
 
 
 def _convdiff(backend, xp, dt, dev, conv, batch, seed, size):
-    from .problems import convection_diffusion
-
     grid = 32 if size is None else size
     batch = 1 if batch is None else batch
     M = convection_diffusion(grid)
     n = M.shape[0]
     b2d = _rhs(n, batch, seed)
     desc = f"2-D convection-diffusion (Peclet 10, upwind), {grid} x {grid} grid: M x = b, n = {n}"
-    return _finish_case("convdiff", desc, _matrix_operator(M, backend, conv, dt), b2d, conv, batch,
+    return _finish_case("convdiff", desc, aslinearoperator(conv(M)), b2d, conv, batch,
                         _is_symmetric(M), _dense_reference(lambda: M, b2d), False, dict(n=n, grid=grid))
 
 
@@ -357,7 +302,7 @@ def _file(path, backend, xp, dt, dev, conv, batch, seed):
     if sp.issparse(M) or n <= DENSE_LIMIT:
         reference = _dense_reference(lambda: M, b2d)
     desc = f"{os.path.basename(path)}: M x = b, n = {n}" + (f", {M.nnz} nonzeros" if sp.issparse(M) else ", dense")
-    return _finish_case(os.path.basename(path), desc, _matrix_operator(M, backend, conv, dt), b2d, conv,
+    return _finish_case(os.path.basename(path), desc, aslinearoperator(conv(M)), b2d, conv,
                         batch, _is_symmetric(M), reference, False, dict(n=n, file=path))
 
 
@@ -399,26 +344,28 @@ def build_case(problem: str = "hopfield", *, backend: str | None = None, device=
 
     Examples
     --------
-    >>> from linsolve_rbp.compare import build_case
+    >>> from linsolve_rbp.cli.compare import build_case
     >>> case = build_case("contractive", size=50, rho=0.5)
     >>> case.A.shape, case.symmetric
     ((50, 50), False)
     """
-    if dtype not in ("float32", "float64"):
-        raise UsageError(f"--dtype must be float32 or float64, got {dtype!r}")
-    if batch is not None and (isinstance(batch, bool) or int(batch) != batch or batch < 1):
-        raise UsageError(f"--batch must be a positive integer, got {batch!r}")
-    if size is not None and (isinstance(size, bool) or int(size) != size or size < 1):
-        raise UsageError(f"--size must be a positive integer, got {size!r}")
+    try:
+        dtype = choice(dtype, "--dtype", ("float32", "float64"))
+        batch = positive_int(batch, "--batch", allow_none=True)
+        size = positive_int(size, "--size", allow_none=True)
+        rho = nonnegative_real(rho, "--rho", allow_none=True, allow_inf=False)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if rho is not None and problem != "contractive":
         raise UsageError("--rho applies only to --problem contractive")
-    if rho is not None and not rho >= 0:
-        raise UsageError(f"--rho must be non-negative, got {rho!r}")
     if size is not None and problem not in ("contractive", "convdiff", "gnn"):
         raise UsageError(f"--size does not apply to --problem {problem} (it applies to contractive, convdiff, gnn)")
     if backend is None:
         backend = "torch" if problem == "gnn" else "numpy"
-    xp, dt, dev, conv = _namespace(backend, device, dtype)
+    try:
+        xp, dt, dev, conv = _b.namespace(backend, device, dtype, names=("--backend", "--device"))
+    except (ValueError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
     if problem == "hopfield":
         return _hopfield(backend, xp, dt, dev, conv, batch, seed)
     if problem == "gnn":
@@ -431,17 +378,6 @@ def build_case(problem: str = "hopfield", *, backend: str | None = None, device=
 
 
 # -- running ------------------------------------------------------------------------------------
-
-def _sync(x):
-    if _b.is_torch_array(x) and x.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(x.device)
-    elif _b.is_cupy_array(x):
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
-
 
 def _rows_np(x, batched):
     a = np.asarray(_b.to_numpy(x), dtype=np.float64)
@@ -456,14 +392,6 @@ def applicability(case: Case, name: str) -> str | None:
     if solver.needs_rmatvec and not case.A.has_rmatvec:
         return "n/a: needs JVPs (products with A^T), which this operator lacks"
     return None
-
-
-def _one_at_a_time(solver) -> bool:
-    try:
-        from .solvers.scipy import ScipyBridge
-    except ImportError:  # pragma: no cover - the bridges ship with the package
-        return False
-    return isinstance(solver, ScipyBridge)
 
 
 def _solve_split(case: Case, name, rtol, maxiter):
@@ -520,13 +448,15 @@ def run_method(case: Case, name: str, rtol: float = 1e-6, maxiter: int | None = 
         return row
     A, b = case.A, case.b
     try:
-        _sync(b)
+        _b.synchronize(b)
         t0 = time.perf_counter()
-        if case.split is not None and _one_at_a_time(get_method(name)):
+        # A method that cannot batch products (the scipy bridges) solves per-sample systems one
+        # at a time, each with its own operator.
+        if case.split is not None and not get_method(name).batched_products:
             res = _solve_split(case, name, rtol, maxiter)
         else:
             res = solve(A, b, method=name, rtol=rtol, maxiter=maxiter, batch_dims=1 if case.batched else 0)
-        _sync(res.x)
+        _b.synchronize(res.x)
         elapsed = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - per-method failures go into the table
         row.update(status=f"error: {type(exc).__name__}", message=f"{type(exc).__name__}: {exc}")
@@ -562,9 +492,9 @@ def _warm_up(case: Case) -> None:
     appear in any row."""
     try:
         A, b = case.A, case.b
-        _sync(A.matvec(b))
+        _b.synchronize(A.matvec(b))
         if A.has_rmatvec:
-            _sync(A.rmatvec(b))
+            _b.synchronize(A.rmatvec(b))
     except Exception:  # noqa: BLE001 - a failing product is reported by the solves themselves
         pass
 
@@ -574,84 +504,15 @@ def run_compare(case: Case, method_names=None, rtol: float = 1e-6, maxiter: int 
     """Run :func:`run_method` for each method (default all of :func:`methods`).
 
     The direct reference solve runs first, once, where ``case.reference`` is set.
+    ``progress`` shows a tqdm bar (the ``cli`` extra).
     """
-    from tqdm.auto import tqdm
-
     names = list(methods()) if method_names is None else list(method_names)
     x_ref = case.reference() if case.reference is not None else None
     _warm_up(case)
     rows = []
-    bar = tqdm(names, desc="compare", unit="method", disable=not progress, leave=False)
+    bar = progress_bar(names, enabled=progress, desc="compare", unit="method")
     for name in bar:
         bar.set_postfix_str(name)
         rows.append(run_method(case, name, rtol=rtol, maxiter=maxiter, x_ref=x_ref))
     bar.close()
     return rows
-
-
-# -- reporting ----------------------------------------------------------------------------------
-
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
-def format_table(rows: list[dict], adjoint: bool = True) -> str:
-    """The results as an aligned plain-text table."""
-    heads = ["method", "status", "iters", "VJPs" if adjoint else "A x", "JVPs" if adjoint else "A^T y",
-             "time [s]", "rel. residual", "rel. error"]
-    body = [[r["method"], r["status"], _fmt(r["iterations"], "d"), _fmt(r["vjps"], "d"), _fmt(r["jvps"], "d"),
-             _fmt(r["time_s"], ".3f"), _fmt(r["rel_residual"], ".2e"), _fmt(r["rel_error"], ".2e")]
-            for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
-    left = {0, 1}
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = [line(heads), line(["-" * w for w in widths])] + [line(b) for b in body]
-    return "\n".join(s.rstrip() for s in out)
-
-
-def write_json(path, case: Case, rows: list[dict], settings: dict) -> None:
-    """Write the problem, the settings and the rows (with histories) as JSON."""
-    doc = dict(problem=dict(name=case.name, description=case.description, n=int(case.A.shape[0]),
-                            batch=int(case.b.shape[0]) if case.batched else 1, symmetric=case.symmetric,
-                            adjoint=case.adjoint, info=case.info),
-               settings=settings, results=rows)
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1, default=_jsonable)
-
-
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def plot_histories(path, case: Case, rows: list[dict], rtol: float | None = None) -> None:
-    """Plot the relative residual of every method that ran against the number of products."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    styles = ["-", "--", "-.", ":"]
-    for i, r in enumerate(rows):
-        h = r.get("history")
-        if not h or not h["products"]:
-            continue
-        y = np.asarray(h["rel_residual"])
-        y = np.where(y > 0, y, np.nan)
-        ax.semilogy(h["products"], y, styles[(i // 10) % len(styles)], label=f"{r['method']} ({r['status']})")
-    if rtol:
-        ax.axhline(rtol, color="0.5", lw=0.8, ls=":")
-    ax.set_xlabel("operator products (VJPs + JVPs)" if case.adjoint else "operator products (A x + A^T y)")
-    ax.set_ylabel("relative residual ||b - A x|| / ||b|| (as reported)")
-    ax.set_title(case.description if len(case.description) < 90 else case.description[:87] + "...", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

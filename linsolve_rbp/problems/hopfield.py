@@ -23,6 +23,10 @@ from importlib import resources
 
 import numpy as np
 
+from .. import backend as _b
+from .._validate import nonnegative_real
+from ..operators import LinearOperator
+
 __all__ = [
     "N_PIXELS",
     "N_HIDDEN",
@@ -52,7 +56,7 @@ def load_digits():
 
     Examples
     --------
-    >>> from linsolve_rbp.problems_hopfield import load_digits
+    >>> from linsolve_rbp.problems import load_digits
     >>> images, labels, indices = load_digits()
     >>> images.shape, labels.tolist()
     ((10, 784), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
@@ -116,7 +120,7 @@ def hopfield_weights(images=None, *, code_scale: float = 2.0, hebbian_gain: floa
     Examples
     --------
     >>> import numpy as np
-    >>> from linsolve_rbp.problems_hopfield import hopfield_weights
+    >>> from linsolve_rbp.problems import hopfield_weights
     >>> W = hopfield_weights()
     >>> W.shape, bool(np.all(W == W.T)), bool(np.all(np.diag(W) == 0))
     ((2592, 2592), True, True)
@@ -154,7 +158,10 @@ def _blocks(n_obs=N_PIXELS, n_hidden=N_HIDDEN):
 def corrupt(images, fraction: float = 0.5, seed: int = 1234) -> np.ndarray:
     """Copies of ``images`` with ``fraction`` of the lit pixels of each turned off.
 
-    This is the validation corruption of the paper's public code (a fixed random state).
+    This is the validation corruption of the paper's public code: ``int(fraction * lit)``
+    pixels (rounded down, as ``rand_corrupt`` in ``runner/hopfield_runner.py`` of
+    github.com/lrjconan/RBP) drawn from a fixed random state. One random stream serves all
+    the images in turn.
 
     Parameters
     ----------
@@ -169,11 +176,12 @@ def corrupt(images, fraction: float = 0.5, seed: int = 1234) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from linsolve_rbp.problems_hopfield import corrupt
+    >>> from linsolve_rbp.problems import corrupt
     >>> float(corrupt(np.ones((1, 8)), 0.5, seed=0).sum())
     4.0
     """
-    if not 0 <= fraction <= 1:
+    fraction = nonnegative_real(fraction, "fraction")
+    if fraction > 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
     rng = np.random.RandomState(seed)
     out = np.array(images, dtype=np.float64)
@@ -201,14 +209,15 @@ class HopfieldNetwork:
     Notes
     -----
     Units are ordered observed, hidden, output. Everything is float64 numpy; the adjoint
-    operator of :meth:`adjoint_operator` is then moved to the backend asked for. With
+    operator of :meth:`adjoint_operator` is then moved to the backend asked for.
+    :mod:`linsolve_rbp.experiments.hopfield` trains the same network's weights in torch. With
     ``d = sigmoid'(h / 2) / 2`` at ``h*``, ``J v = (1 - m) * (W (d * v))`` and, since ``W`` is
     symmetric, ``J^T u = d * (W ((1 - m) * u))``: one product with ``W`` each.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from linsolve_rbp.problems_hopfield import HopfieldNetwork
+    >>> from linsolve_rbp.problems import HopfieldNetwork
     >>> rng = np.random.default_rng(0)
     >>> W = rng.standard_normal((7, 7)); W = 0.3 * (W + W.T); np.fill_diagonal(W, 0)
     >>> net = HopfieldNetwork(W, inputs=np.ones((1, 2)), targets=np.ones((1, 2)), n_obs=2)
@@ -292,19 +301,19 @@ class HopfieldNetwork:
         d = self.slopes(h)[row]
         return self.free[:, None] * self.W * d[None, :]
 
-    def adjoint_operator(self, h, xp=None, dtype=None, device=None):
+    def adjoint_operator(self, h, backend="numpy", *, dtype=None, device=None):
         """The operator ``J`` at ``h`` (rows are systems) with matvec ``J v`` and rmatvec
-        ``J^T u``, both exact (no differentiation), on namespace ``xp`` (default numpy).
+        ``J^T u``, both exact (no differentiation), in ``backend`` (a name or an array to
+        match, as for :func:`linsolve_rbp.backend.to_backend`; default numpy float64).
 
         The products act row by row with each system's own Jacobian, so they accept ``(B, n)``
         batches (and ``(n,)`` vectors when ``B = 1``) only.
         """
-        from .operators import LinearOperator
+        dtype = np.float64 if dtype is None else dtype
 
-        if xp is None:
-            xp = np
-        conv = (lambda a: xp.asarray(a, dtype=dtype, device=device)) if xp is not np else (
-            lambda a: np.asarray(a, dtype=dtype))
+        def conv(a):
+            return _b.to_backend(a, backend, dtype=dtype, device=device)
+
         W = conv(self.W)
         d = conv(self.slopes(h))
         free = conv(self.free)

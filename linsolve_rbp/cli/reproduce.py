@@ -1,5 +1,9 @@
-"""``linsolve-rbp reproduce hopfield|citation|hyperopt``: run the paper's experiments, write
-JSON results and PNG figures."""
+"""``linsolve-rbp reproduce hopfield|citation|hyperopt``: run the paper's experiments
+(:mod:`linsolve_rbp.experiments`), write JSON results and PNG figures.
+
+The experiments need PyTorch (``pip install linsolve_rbp[torch,cli]``); without it the
+command says so and exits with code 2.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .. import backend as _b
+from ..problems import corrupt, load_digits
+from ..problems import data as _data
+from ..problems.hopfield import N_PIXELS
+from .report import new_figure
+
+__all__ = ["DEFAULT_METHODS", "register", "run"]
 
 DEFAULT_METHODS = {
     "hopfield": "bptt,tbptt,rbp,cgne,neumann,gmres,lsqr",
@@ -50,21 +62,20 @@ def register(subparsers):
     return p
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(obj, path):
     path.write_text(json.dumps(obj, indent=1, default=float))
 
 
 def run(args) -> int:
     """Run the experiment named in ``args``; return an exit code."""
+    try:
+        _b.import_optional("torch", "linsolve-rbp reproduce")
+        _b.import_optional("matplotlib", "linsolve-rbp reproduce (its figures)")
+        if args.progress:
+            _b.import_optional("tqdm", "linsolve-rbp reproduce --progress")
+    except ImportError as exc:
+        print(f"error: {exc}")
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = (args.methods or DEFAULT_METHODS[args.experiment]).split(",")
@@ -78,9 +89,9 @@ def run(args) -> int:
 
 
 def _hopfield(args, methods, out):
-    from . import data, hopfield
+    from ..experiments import hopfield
 
-    imgs, _ = data.load_hopfield_digits()
+    imgs = load_digits()[0]
     trials = args.trials or (1 if args.quick else 100)
     epochs = args.epochs or (1 if args.quick else 1000)
     Ks = _ints(args.truncations or "10,20,30")
@@ -104,8 +115,7 @@ def _hopfield(args, methods, out):
     res = {"experiment": "hopfield", "config": cfg.as_dict(), "trials": trials, "epochs": epochs,
            "truncations": Ks, "success_rate_percent": table, "runs": runs, "time_s": time.time() - t0}
     _save(res, out / "hopfield.json")
-    plt = _plt()
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    fig, ax = new_figure(1, 2, figsize=(10, 4))
     for m in methods:
         r = next((r for r in runs if r["method"] == m and r["seed"] == 1234), None)
         if r is None:
@@ -119,15 +129,14 @@ def _hopfield(args, methods, out):
         a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "hopfield_curves.png", dpi=90)
-    plt.close(fig)
     import torch
 
-    xin = torch.as_tensor(hopfield.corrupt(imgs, cfg.corrupt_fraction), dtype=torch.float32)
+    xin = torch.as_tensor(corrupt(imgs, cfg.corrupt_fraction), dtype=torch.float32)
     rows = [("input", xin.numpy()), ("target", imgs.astype(np.float32))]
     for m, W in examples.items():
-        h = hopfield.run(W, xin, cfg)[..., -hopfield.N_PIXELS:]
+        h = hopfield.run(W, xin, cfg)[..., -N_PIXELS:]
         rows.append((m, (h > 0.5).float().numpy()))
-    fig, ax = plt.subplots(len(rows), imgs.shape[0], figsize=(imgs.shape[0], len(rows)))
+    fig, ax = new_figure(len(rows), imgs.shape[0], figsize=(imgs.shape[0], len(rows)))
     for i, (name, ims) in enumerate(rows):
         for j in range(imgs.shape[0]):
             ax[i, j].imshow(ims[j].reshape(28, 28), cmap="gray", vmin=0, vmax=1)
@@ -135,14 +144,13 @@ def _hopfield(args, methods, out):
             ax[i, j].set_yticks([])
         ax[i, 0].set_ylabel(name, fontsize=7)
     fig.savefig(out / "hopfield_retrieval.png", dpi=80)
-    plt.close(fig)
     print(json.dumps(table, indent=1))
 
 
 def _citation(args, methods, out):
-    from . import citation, data
+    from ..experiments import citation
 
-    graph = data.load_planetoid(args.dataset, args.data_dir, download=not args.no_download,
+    graph = _data.load_planetoid(args.dataset, args.data_dir, download=not args.no_download,
                                 missing_allx="restrict")
     seeds = args.seeds or (1 if args.quick else 10)
     epochs = args.epochs or (2 if args.quick else 2000)
@@ -175,13 +183,13 @@ def _citation(args, methods, out):
 def _hyperopt(args, methods, out):
     import torch
 
-    from . import data, hyperopt
+    from ..experiments import hyperopt
 
     if args.quick:
         X, y = hyperopt.random_data(n=400)
         source = "random"
     else:
-        Xn, yn, source = data.load_hyperopt_data(args.data_dir, download=not args.no_download)
+        Xn, yn, source = _data.load_hyperopt_data(args.data_dir, download=not args.no_download)
         X, y = torch.as_tensor(Xn), torch.as_tensor(yn)
     iters = args.meta_iters or (2 if args.quick else 100)
     steps = args.steps or (5 if args.quick else 100)
@@ -202,8 +210,7 @@ def _hyperopt(args, methods, out):
         res["cost"] = hyperopt.cost_table((X, y), steps=cost_steps, truncations=Ks)
         print(json.dumps(res["cost"]["ratios"], indent=1))
     _save(res, out / "hyperopt.json")
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = new_figure(figsize=(5, 4))
     for m, r in curves.items():
         ax.plot(r["meta_loss"], label=m)
     ax.set_xlabel("meta-iteration")
@@ -212,4 +219,3 @@ def _hyperopt(args, methods, out):
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "hyperopt_meta.png", dpi=90)
-    plt.close(fig)

@@ -1,4 +1,5 @@
-"""Test and benchmark problems: linear systems with known structure.
+"""Matrices with known structure: a sparse convection-diffusion operator and dense random
+contractions.
 
 Used by the tests, the benchmarks and ``linsolve-rbp compare``.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
+from .._validate import nonnegative_real, positive_int
 
 __all__ = ["convection_diffusion", "random_contractive"]
 
@@ -34,9 +37,7 @@ def convection_diffusion(n: int = 32, peclet: float = 10.0, dtype=np.float64) ->
     >>> convection_diffusion(8).shape
     (64, 64)
     """
-    if int(n) < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    n = int(n)
+    n = positive_int(n, "n")
     h = 1.0 / (n + 1)
     # 1-D second difference and upwind first difference (flow in +x / +y).
     e = np.ones(n)
@@ -74,11 +75,9 @@ def random_contractive(n: int, rho: float = 0.9, seed=None, dtype=np.float64) ->
     >>> round(float(max(abs(np.linalg.eigvals(J)))), 6)
     0.5
     """
-    if int(n) < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if not rho >= 0:
-        raise ValueError(f"rho must be non-negative, got {rho!r}")
+    n = positive_int(n, "n")
+    rho = nonnegative_real(rho, "rho", allow_inf=False)
     rng = np.random.default_rng(seed)
-    J = rng.standard_normal((int(n), int(n))) / np.sqrt(n)
+    J = rng.standard_normal((n, n)) / np.sqrt(n)
     r = float(np.max(np.abs(np.linalg.eigvals(J))))
     return (J * (rho / r)).astype(dtype)

@@ -1,8 +1,10 @@
-"""The ``linsolve-rbp`` command line.
+"""The ``linsolve-rbp`` command line (also ``python -m linsolve_rbp``).
 
 ``linsolve-rbp compare`` solves one linear system with every method and prints what each solve
-cost and how accurate it is (see :mod:`linsolve_rbp.compare`); ``linsolve-rbp reproduce`` runs
-the paper's experiments where :mod:`linsolve_rbp.experiments` is available.
+cost and how accurate it is (the runner is :mod:`linsolve_rbp.cli.compare`, the table, JSON
+and plot :mod:`linsolve_rbp.cli.report`); ``linsolve-rbp reproduce`` runs the paper's
+experiments (:mod:`linsolve_rbp.cli.reproduce`). The command line needs the ``cli`` extra
+(matplotlib, tqdm): ``pip install linsolve_rbp[cli]``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from .. import backend as _b
+from .._validate import nonnegative_real, positive_int
+from .reproduce import register as register_reproduce
 
 __all__ = ["main", "build_parser"]
 
@@ -21,24 +27,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _parsed(convert, check, what):
+    """An argparse ``type``: ``check(convert(text))``, or a one-line error saying ``what``."""
+    def parse(text):
+        try:
+            return check(convert(text), "value")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    return parse
 
 
-def _nonneg_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return v
+_positive_int = _parsed(int, positive_int, "a positive integer")
+_nonneg_float = _parsed(float, nonnegative_real, "a non-negative number")
 
 
 def _add_compare(sub):
@@ -76,8 +77,9 @@ def _add_compare(sub):
 
 
 def _compare(args, parser):
+    from ..solve import methods
     from . import compare as C
-    from .solve import methods
+    from . import report as R
 
     names = None
     if args.methods is not None:
@@ -87,6 +89,10 @@ def _compare(args, parser):
         if not names or unknown:
             parser.error(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
                          f"available: {', '.join(sorted(known))}")
+    try:
+        _b.import_optional("matplotlib", "linsolve-rbp compare (its plot)")
+    except ImportError as exc:
+        parser.error(str(exc))
     try:
         case = C.build_case(args.problem, backend=args.backend, device=args.device, dtype=args.dtype,
                             batch=args.batch, seed=args.seed, size=args.size, rho=args.rho)
@@ -98,16 +104,16 @@ def _compare(args, parser):
         parser.error(f"--out {args.out}: {exc.strerror}")
     print(case.description)
     batch = case.b.shape[0] if case.batched else 1
-    rows = C.run_compare(case, names, rtol=args.rtol, maxiter=args.maxiter, progress=sys.stderr.isatty())
-    print(C.format_table(rows, adjoint=case.adjoint))
+    rows = C.run_compare(case, names, rtol=args.rtol, maxiter=args.maxiter, progress=sys.stderr.isatty() and _b.has_module("tqdm"))
+    print(R.format_table(rows, adjoint=case.adjoint))
     png = os.path.join(args.out, f"compare-{case.name.replace('.', '_')}.png")
-    C.plot_histories(png, case, rows, rtol=args.rtol)
+    R.plot_histories(png, case, rows, rtol=args.rtol)
     print(f"plot: {png}")
     settings = dict(rtol=args.rtol, maxiter=args.maxiter, backend=args.backend or ("torch" if args.problem == "gnn" else "numpy"),
                     device=args.device, dtype=args.dtype, batch=batch, seed=args.seed)
     if args.json:
         try:
-            C.write_json(args.json, case, rows, settings)
+            R.write_json(args.json, case, rows, settings)
         except OSError as exc:
             parser.error(f"--json {args.json}: {exc.strerror}")
         print(f"json: {args.json}")
@@ -115,19 +121,13 @@ def _compare(args, parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``linsolve-rbp`` (subcommands ``compare`` and, where available,
-    ``reproduce``)."""
+    """The argument parser of ``linsolve-rbp`` (subcommands ``compare`` and ``reproduce``)."""
     parser = _Parser(prog="linsolve-rbp",
                      description="Matrix-free linear solvers for recurrent back-propagation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_compare(sub)
-    try:
-        from .experiments import register_cli
-
-        register_cli(sub)
-    except ImportError:
-        pass  # the experiments need optional packages; compare works without them
+    register_reproduce(sub)
     return parser
 
 

@@ -1,5 +1,6 @@
-"""Loaders of the experiments' data: MNIST (idx files), the Planetoid citation networks
-(pickled scipy/numpy objects) and the ten Hopfield digits shipped with the package.
+"""Loaders of the experiments' data: MNIST (idx files) and the Planetoid citation networks
+(pickled scipy/numpy objects). The ten Hopfield digits ship with the package
+(:func:`linsolve_rbp.problems.hopfield.load_digits`).
 
 Files are looked for in ``data_dir`` (and its ``mnist/`` or ``planetoid/`` subfolder), then in
 the cache directory (``$LINSOLVE_RBP_DATA``, default ``~/.cache/linsolve_rbp``), and are
@@ -13,7 +14,6 @@ import gzip
 import os
 import pickle
 import struct
-import sys
 import urllib.request
 import warnings
 from pathlib import Path
@@ -26,7 +26,6 @@ __all__ = [
     "read_idx",
     "load_mnist",
     "load_hyperopt_data",
-    "load_hopfield_digits",
     "load_planetoid",
 ]
 
@@ -166,26 +165,10 @@ def load_hyperopt_data(data_dir=None, n: int = 10_000, download: bool = True,
     return X, labels[:n], source
 
 
-def load_hopfield_digits():
-    """The ten binarised MNIST digits of the Hopfield experiment shipped with the package.
-
-    Returns
-    -------
-    images : numpy.ndarray, uint8, shape (10, 784), values 0/1
-    labels : numpy.ndarray, int64, shape (10,)
-    """
-    from importlib import resources
-
-    with resources.files("linsolve_rbp").joinpath("data/hopfield_digits.npz").open("rb") as f:
-        d = np.load(f)
-        return d["images"].copy(), d["labels"].copy()
-
-
 def _unpickle(path):
+    # The Planetoid files were pickled by Python 2; latin1 reads their numpy buffers.
     with open(path, "rb") as f:
-        if sys.version_info >= (3, 0):
-            return pickle.load(f, encoding="latin1")
-        return pickle.load(f)  # pragma: no cover
+        return pickle.load(f, encoding="latin1")
 
 
 def load_planetoid(name: str, data_dir=None, download: bool = True, missing_allx: str = "error"):

@@ -1,6 +1,8 @@
 """Measure linsolve_rbp side by side with its peers, in one run, and write the table.
 
-    python asv_benchmarks/compare_peers.py --out docs/benchmarks_table.md
+    python -m asv_benchmarks.peers --out docs/benchmarks_table.md
+
+(from the repository root; or ``from asv_benchmarks.peers import main; main([...])``)
 
 writes a markdown table to ``--out`` and the same table as reStructuredText next to it (same
 name, suffix ``.inc``, so that Sphinx does not take it for a page of its own;
@@ -17,7 +19,8 @@ What is measured (each row gives a target, the measured figure and PASS/MISS):
 * 256 independent systems in one batched call against a Python loop of scipy's gmres;
 * Neumann-RBP against BPTT for the meta-gradient of the paper's hyperparameter-optimisation
   experiment (Liao et al., ICML 2018, Table 3): time and peak memory, each method in a fresh
-  process.
+  process (:func:`linsolve_rbp.experiments.fresh.run_fresh`, the helper behind the
+  experiment's own cost table).
 
 BLAS and torch run on ``--threads`` threads (default 1) so that figures do not depend on how
 busy the other cores are.
@@ -26,25 +29,23 @@ busy the other cores are.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import scipy
+import scipy.sparse.linalg as spla
 
-import numpy as np  # noqa: E402
-import scipy  # noqa: E402
-import scipy.sparse.linalg as spla  # noqa: E402
+import linsolve_rbp as lr
+from linsolve_rbp.experiments.fresh import MEMORY_ENV, run_fresh
+from linsolve_rbp.problems import random_contractive
 
-import linsolve_rbp as lr  # noqa: E402
-from linsolve_rbp.problems import random_contractive  # noqa: E402
+__all__ = ["CONFIGS", "Row", "main", "to_markdown", "to_rst"]
 
 #: Sizes of the full run and of the ``--quick`` smoke run.
 CONFIGS = {
@@ -263,78 +264,22 @@ def batched_rows(cfg) -> list[Row]:
 
 # -- Neumann-RBP against BPTT ------------------------------------------------------------------
 
-_CHILD = r"""
-import json, resource, sys, time
-args = json.loads(sys.argv[1])
-import torch
-torch.set_num_threads(args["threads"])
-from linsolve_rbp.experiments import hyperopt as ho
-
-
-def status_kib(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
-
-
-def reset_peak():
-    # Linux (>= 4.0): writing 5 to clear_refs resets the peak resident set (VmHWM) to the
-    # current one, so the peak of the call is not hidden by an earlier, larger one (e.g. data
-    # generation). Elsewhere fall back to the lifetime peak, ru_maxrss.
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return status_kib("VmRSS"), lambda: status_kib("VmHWM")
-    except OSError:
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak(), peak
-
-
-data = ho.random_data(n=args["data_n"], seed=0)
-hp = ho.init_hparams()
-kw = dict(steps=args["steps"], truncate=args["K"], batch_size=args["batch_size"],
-          full_batch_last=args["full_batch_last"])
-if args["method"] == "neumann":
-    # The paper's Neumann-RBP runs its K terms whatever the residual does.
-    kw["solver_options"] = {"divtol": None}
-base, peak = reset_peak()
-times = []
-for _ in range(args["repeats"]):
-    t0 = time.perf_counter()
-    loss, g, info = ho.hypergradient(args["method"], hp, data, **kw)
-    times.append(time.perf_counter() - t0)
-    if len(times) == 1:
-        grown = peak() - base
-print(json.dumps({"time_s": min(times), "memory_mib": grown / 1024.0,
-                  "iterations": info["iterations"], "graph_steps": info["graph_steps"]}))
-"""
-
-
-def _run_child(args, env) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True,
-                         text=True, env=env, cwd=str(ROOT))
-    if out.returncode != 0:
-        raise RuntimeError(f"the {args['method']} measurement failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _child(method, K, cfg, threads, full_batch_last=None) -> dict:
     """Time and memory of one meta-gradient, each from its own fresh process."""
-    args = dict(method=method, K=K, steps=cfg["steps"], data_n=cfg["data_n"],
-                batch_size=cfg["batch_size"], full_batch_last=full_batch_last,
-                repeats=min(2, cfg["repeats"]), threads=threads)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads))
-    timed = _run_child(args, env)
+    from linsolve_rbp.experiments import hyperopt
+
+    setup = partial(hyperopt.cost_data, cfg["data_n"], 0, threads)
+    kw = dict(steps=cfg["steps"], truncate=K, batch_size=cfg["batch_size"], full_batch_last=full_batch_last)
+    env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    timed = run_fresh(hyperopt.cost_meta_gradient, method, setup=setup, repeats=min(2, cfg["repeats"]),
+                      env=env, **kw)
     # Memory in a second process with a fixed mmap threshold, which makes glibc hand freed
     # large blocks back to the system; with its default, adaptive threshold the heap keeps
     # them and the resident set creeps up with the number of products although the memory in
     # use does not. The fixed threshold also makes every large allocation a fresh mapping,
     # which slows the call, so the time comes from the first process.
-    measured = _run_child(dict(args, repeats=1), dict(env, MALLOC_MMAP_THRESHOLD_="131072"))
-    return dict(timed, memory_mib=measured["memory_mib"])
+    measured = run_fresh(hyperopt.cost_meta_gradient, method, setup=setup, env=dict(env, **MEMORY_ENV), **kw)
+    return dict(timed.value, time_s=timed.seconds, memory_mib=measured.peak_bytes / 2**20)
 
 
 def rbp_rows(cfg, threads) -> list[Row]:
@@ -417,7 +362,10 @@ def to_rst(rows, machine, command) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Run the comparison with the command-line arguments ``argv`` (default ``sys.argv[1:]``),
+    write the tables and return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m asv_benchmarks.peers",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/benchmarks_table.md",
                         help="markdown output; the reST table goes to the same name with .inc")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke run in seconds")
@@ -435,7 +383,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     except ImportError:
         torch = None
-    command = "python asv_benchmarks/compare_peers.py" + (" --quick" if args.quick else "") + \
+    command = "python -m asv_benchmarks.peers" + (" --quick" if args.quick else "") + \
         (f" --threads {args.threads}" if args.threads != 1 else "")
     t0 = time.perf_counter()
     rows: list[Row] = []
