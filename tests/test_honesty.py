@@ -92,13 +92,9 @@ import pytest
 
 import linsolve_rbp as lr
 import _hard_systems as hs
-from _backends import make_operator, to_backend
+from hypothesis import given, settings, strategies as st
 from linsolve_rbp.backend import to_numpy
-
-torch = pytest.importorskip("torch")
-xps = pytest.importorskip("array_api_strict")
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from registry import METHODS, backends_of, make_operator, param, to_backend, torch, xs
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::linsolve_rbp.ConvergenceWarning"),
@@ -109,10 +105,6 @@ S = lr.Status
 LD = np.longdouble
 F64, F32 = np.float64, np.float32
 
-METHODS = lr.methods()
-BRIDGES = [m for m in METHODS if m.startswith("scipy.")]
-OWN = [m for m in METHODS if not m.startswith("scipy.")]
-BACKENDS = ("numpy", "torch", "array_api_strict")
 # Methods whose residual cannot exceed that of x0 = 0 (in exact arithmetic): they minimise
 # ||b - A x|| over a space that contains x0.
 MIN_RESIDUAL = {"gmres", "minres", "lsqr", "scipy.gmres", "scipy.lgmres", "scipy.gcrotmk",
@@ -134,9 +126,7 @@ def applies(method, system, backend="numpy"):
         return False
     if solver.needs_square and not system.square:
         return False
-    if method in BRIDGES and backend == "array_api_strict":
-        return False
-    return True
+    return backend in backends_of(method)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -299,7 +289,7 @@ def cast(system, dtype):
 def do_solve(method, A_dt, b_dt, backend, rtol, maxiter, kind="dense", **kw):
     """``lr.solve`` on ``backend``; returns (result or None when refused, b as passed)."""
     bb = to_backend(b_dt, backend)
-    op = make_operator(kind, A_dt, backend) if kind != "dense" else to_backend(A_dt, backend)
+    op = make_operator(kind, A_dt, backend, like=bb) if kind != "dense" else to_backend(A_dt, backend)
     tol = dict(rtol=None, atol=None) if rtol == FIXED_BUDGET else dict(rtol=rtol, atol=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -407,7 +397,7 @@ SUBSET = {
     "torch": [s for s in DEFAULT_SYSTEMS if s.name.split("(")[0] in (
         "spd", "poisson", "nonnormal", "singular_inconsistent", "tall_inconsistent", "rbp")],
     # array_api_strict is slow (every operation checked): the hardest cases only.
-    "array_api_strict": [s for s in DEFAULT_SYSTEMS if s.name.startswith((
+    "strict": [s for s in DEFAULT_SYSTEMS if s.name.startswith((
         "spd(n=40,cond=1e+14", "nonnormal", "singular_inconsistent", "tall_inconsistent"))],
 }
 DEFAULT_SCALES = {F64: [2.0**-997, 1.0, 2.0**997], F32: [2.0**-100, 1.0, 2.0**100]}
@@ -416,11 +406,9 @@ DEFAULT_RTOLS = {F64: [1e-8, FIXED_BUDGET], F32: [1e-4, FIXED_BUDGET]}
 
 def _grid():
     for method in METHODS:
-        for backend in BACKENDS:
-            if method in BRIDGES and backend == "array_api_strict":
-                continue
+        for backend in backends_of(method):
             for dtype in (F64, F32):
-                yield pytest.param(method, backend, dtype, id=f"{method}-{backend}-{dtype.__name__}")
+                yield param(method, backend, dtype, backend=backend, id=f"{method}-{backend}-{dtype.__name__}")
 
 
 @pytest.mark.parametrize("method,backend,dtype", list(_grid()))
@@ -441,14 +429,14 @@ def _slow_grid():
     for p in _grid():
         method, backend, dtype = p.values
         for kind in ("dense", "closure") if backend == "numpy" else ("dense",):
-            yield pytest.param(method, backend, dtype, kind, id=f"{p.id}-{kind}")
+            yield param(method, backend, dtype, kind, backend=backend, id=f"{p.id}-{kind}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,backend,dtype,kind", list(_slow_grid()))
 def test_honesty_exhaustive(method, backend, dtype, kind):
     fails = []
-    scales = DEFAULT_SCALES[dtype] if backend == "array_api_strict" else SCALES[dtype]
+    scales = DEFAULT_SCALES[dtype] if backend == "strict" else SCALES[dtype]
     for system in hs.all_systems():
         if not applies(method, system, backend):
             continue
@@ -501,7 +489,8 @@ _SYSTEM_MAKERS = {
 @st.composite
 def cases(draw):
     method = draw(st.sampled_from(METHODS))
-    backends = ["numpy", "torch"] if method in BRIDGES else list(BACKENDS)
+    # the backends of the method that are installed
+    backends = [be for be in backends_of(method) if {"torch": torch, "strict": xs}.get(be, np) is not None]
     backend = draw(st.sampled_from(backends))
     dtype = draw(st.sampled_from([F64, F32]))
     kind = draw(st.sampled_from(["spd", "poisson", "nonnormal", "rbp", "nonsym", "singular_consistent",
@@ -545,7 +534,6 @@ def test_honesty_hypothesis_exhaustive(case):
 
 def _assert_honest(method, A, b, rtol, s=1.0, system=None, **kw):
     """Solve on numpy with ``atol=0``; assert (a)-(e); return (result, Measured)."""
-    dtype = b.dtype.type
     system = system or hs.System("repro", A.astype(F64), b.astype(F64), bool(np.array_equal(A, A.T)), True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -665,16 +653,14 @@ def _float32_cotangent_systems():
     return [hs.rbp_contraction(30, 0.5, seed=11), hs.spd(30, 1e2, seed=12)]
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("scale", [1e-20, 1e20, 1e-30, 1e30])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, backend", [param(m, be, backend=be, id=f"{m}-{be}")
+                                             for m in METHODS for be in ("numpy", "torch")])
 def test_issue10_float32_cotangents(method, scale, backend):
     """float32 cotangents of 1e-20 / 1e20 (and the issue's limits 1e-30 / 1e30) on a
     well-conditioned adjoint system: seven methods claimed CONVERGED 3-10x over tolerance, or
     all said NONFINITE. They must converge honestly, to ``scale`` times the unit-scale x."""
     rtol = 1e-4
-    if method in BRIDGES and backend == "array_api_strict":
-        pytest.skip("bridges run on numpy and torch")
     symmetric_only = lr.get_method(method).needs_symmetric
     for sysm in _float32_cotangent_systems()[1 if symmetric_only else 0:][:1]:
         A, b1 = cast(sysm, F32)

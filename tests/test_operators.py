@@ -17,8 +17,7 @@ import linsolve_rbp as lr
 from linsolve_rbp import backend as lb
 from linsolve_rbp.problems import random_contractive
 
-torch = pytest.importorskip("torch")
-xs = pytest.importorskip("array_api_strict")
+from registry import backend_params, needs_strict, needs_torch, param, torch, xs
 
 # torch warns that sparse CSR support is "in beta" on every conversion; it is not a test failure.
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -178,7 +177,7 @@ def _cases():
         for be in backends:
             for dt in DTYPES:
                 for comp in COMPOSITES:
-                    yield pytest.param(kind, be, dt, comp, id=f"{kind}-{be}-{np.dtype(dt).name}-{comp}")
+                    yield param(kind, be, dt, comp, backend=be, id=f"{kind}-{be}-{np.dtype(dt).name}-{comp}")
 
 
 def _build(kind, be, dt, comp, seed=0):
@@ -225,14 +224,14 @@ def test_batched_product_equals_rowwise(kind, be, dt, comp):
     np.testing.assert_allclose(AX, X @ ref.T, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("be", ["numpy", "torch", "strict"])
+@pytest.mark.parametrize("be", backend_params())
 @pytest.mark.parametrize("comp", ["plain", "T", "H", "I-J.T", "nested", "matmul"])
 def test_to_dense_equals_matrix(be, comp):
     op, ref, _ = _build("closure", be, np.complex128, comp, seed=2)
     np.testing.assert_allclose(_np(op.to_dense()), ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("be", ["numpy", "torch", "strict"])
+@pytest.mark.parametrize("be", backend_params())
 @pytest.mark.parametrize("dt", DTYPES)
 def test_identity_operator(be, dt):
     n = 4
@@ -247,6 +246,8 @@ def test_identity_operator(be, dt):
     np.testing.assert_array_equal(_np(I.matvec(_to(be, X))), X)
 
 
+@needs_torch
+@needs_strict
 def test_identity_without_like_adopts_the_vector():
     I = lr.IdentityOperator(3)
     for v in (np.arange(3.0), torch.arange(3.0), xs.asarray([0.0, 1.0, 2.0])):
@@ -261,7 +262,7 @@ def test_mixed_kinds_compose_on_numpy():
     np.testing.assert_allclose(op.to_dense(like=np.zeros(1)), M1 + M2 @ M3.T, atol=1e-12)
 
 
-@pytest.mark.parametrize("be", ["numpy", "torch"])
+@pytest.mark.parametrize("be", backend_params(("numpy", "torch")))
 def test_matrices_on_the_left_become_operators(be):
     rng = np.random.default_rng(5)
     M, N = rng.standard_normal((3, 3)), rng.standard_normal((3, 3))
@@ -332,6 +333,7 @@ def test_to_scipy_runs_scipy_gmres_and_counts(factory):
         assert A.rmatvec_count == r0 + 1
 
 
+@needs_torch
 def test_to_scipy_refuses_other_backends():
     A = lr.aslinearoperator(torch.eye(3, dtype=torch.float64))
     with pytest.raises(TypeError, match="to_scipy"):
@@ -459,7 +461,15 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("name", list(BAD))
+def _bad_params():
+    for name, (fn, _, _) in BAD.items():
+        names = set(fn.__code__.co_names)
+        marks = [needs_torch] if names & {"torch", "_At"} else []
+        marks += [needs_strict] if "xs" in names else []
+        yield pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("name", list(_bad_params()))
 def test_bad_input_gets_a_clear_error(name):
     fn, exc, pattern = BAD[name]
     assert issubclass(exc, (TypeError, ValueError))
@@ -484,6 +494,8 @@ def test_has_rmatvec():
 # backend
 
 
+@needs_torch
+@needs_strict
 def test_backend_namespace_device_dtype():
     a, t, s = np.zeros(2), torch.zeros(2, dtype=torch.float64), xs.zeros(2, dtype=xs.float64)
     for arr in (a, t, s):
@@ -506,6 +518,8 @@ def test_backend_namespace_device_dtype():
         lb.array_namespace(np.zeros(1), torch.zeros(1))
 
 
+@needs_torch
+@needs_strict
 def test_to_numpy_shares_memory_with_cpu_torch():
     t = torch.arange(4, dtype=torch.float64)
     a = lb.to_numpy(t)
@@ -521,6 +535,8 @@ def test_to_numpy_shares_memory_with_cpu_torch():
     np.testing.assert_array_equal(lb.to_numpy(xs.asarray([1.0, 2.0])), [1.0, 2.0])
 
 
+@needs_torch
+@needs_strict
 def test_from_numpy_round_trips():
     a = np.arange(5.0)
     t = lb.from_numpy(a, torch.zeros(1, dtype=torch.float64))
@@ -544,6 +560,7 @@ def test_has_module_and_import_optional():
         lb.import_optional("linsolve_rbp_no_such_module", "a test feature")
 
 
+@needs_torch
 def test_torch_cupy_bridges_refuse_wrong_input():
     with pytest.raises((TypeError, ValueError, ImportError)):
         lb.torch_to_cupy(torch.zeros(2))

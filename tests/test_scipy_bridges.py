@@ -14,13 +14,11 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
 import linsolve_rbp as lr
-from _backends import CASES, RTOL, make_operator, to_backend
 from linsolve_rbp.backend import to_numpy
 from linsolve_rbp.problems import convection_diffusion
 from linsolve_rbp.solvers import scipy as bridges
+from registry import RTOL, make_operator, needs_torch, operator_params, to_backend, torch
 
-torch = pytest.importorskip("torch")
-xps = pytest.importorskip("array_api_strict")
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta"),
     # scipy's lsmr initialises a condition estimate with 1e100, which overflows float32.
@@ -43,7 +41,7 @@ def system(method, n=30, dtype=np.float64, seed=0):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("backend,kind", CASES)
+@pytest.mark.parametrize("backend,kind", operator_params())
 def test_solves_and_reports(method, dtype, backend, kind):
     M, b = system(method, dtype=dtype)
     rtol = RTOL[dtype]
@@ -185,6 +183,7 @@ def test_batched_solves_each_system():
     assert all(x is None and r.shape == (3,) for _, x, r in seen)
 
 
+@needs_torch
 @pytest.mark.parametrize("method", ["scipy.gmres", "scipy.cg", "scipy.lsqr"])
 def test_torch_cpu_data_is_not_copied(method, monkeypatch):
     M, b = system(method)
@@ -214,6 +213,7 @@ def test_zero_rhs_result_does_not_alias_b():
     assert not np.shares_memory(res.x, b)
 
 
+@needs_torch
 def test_float32_torch_keeps_dtype():
     M, b = system("scipy.bicgstab", dtype=np.float32)
     res = lr.solve(torch.from_numpy(M), torch.from_numpy(b), method="scipy.bicgstab", rtol=1e-4)
@@ -273,6 +273,7 @@ def test_gpu_path_uses_cupyx(monkeypatch):
         lr.solve(M, b, method="scipy.bicgstab")
 
 
+@needs_torch
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["scipy.cg", "scipy.gmres"])
 def test_cuda_torch_through_cupyx(method):
@@ -662,6 +663,7 @@ def test_option_kinds_declared():
         assert cls.options["least_squares"] is False
 
 
+@needs_torch
 def test_monitor_verdicts_on_torch_data():
     """The Monitor runs in b's backend: divergence and NaN products on torch CPU tensors."""
     A, b = _indefinite()
