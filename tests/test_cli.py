@@ -14,6 +14,10 @@ from linsolve_rbp.cli import main
 from linsolve_rbp.problems import HopfieldNetwork, corrupt, load_digits
 
 
+# compare draws its plot with matplotlib, from the cli extra.
+needs_matplotlib = pytest.mark.skipif(not _b.has_module("matplotlib"), reason="needs matplotlib (the cli extra)")
+
+
 def run_compare(tmp_path, capsys, *args):
     js = tmp_path / "out.json"
     rc = main(["compare", "--out", str(tmp_path / "plots"), "--json", str(js), *args])
@@ -25,6 +29,7 @@ def by_method(doc):
     return {r["method"]: r for r in doc["results"]}
 
 
+@needs_matplotlib
 def test_compare_contractive_writes_table_plot_and_json(tmp_path, capsys):
     rc, out, doc = run_compare(tmp_path, capsys, "--problem", "contractive", "--size", "60", "--rho", "0.8",
                                "--methods", "fixed_point,gmres,cg,cgne")
@@ -51,6 +56,7 @@ def test_compare_contractive_writes_table_plot_and_json(tmp_path, capsys):
             assert "n/a: needs symmetric A" in line
 
 
+@needs_matplotlib
 def test_compare_reports_failures(tmp_path, capsys):
     rc, out, doc = run_compare(tmp_path, capsys, "--problem", "contractive", "--size", "40", "--rho", "0.95",
                                "--maxiter", "3", "--methods", "fixed_point,neumann")
@@ -61,6 +67,7 @@ def test_compare_reports_failures(tmp_path, capsys):
     assert out.count("max_iterations") == 2
 
 
+@needs_matplotlib
 def test_compare_symmetric_matrix_file_with_stored_rhs(tmp_path, capsys):
     M = sp.diags([-1.0, 2.5, -1.0], [-1, 0, 1], shape=(30, 30)).tocsr()
     b = np.arange(30.0)
@@ -78,6 +85,7 @@ def test_compare_symmetric_matrix_file_with_stored_rhs(tmp_path, capsys):
     assert by_method(doc)["cg"]["status"] == "converged" and doc["problem"]["batch"] == 3
 
 
+@needs_matplotlib
 def test_compare_convdiff_batched(tmp_path, capsys):
     rc, _, doc = run_compare(tmp_path, capsys, "--problem", "convdiff", "--size", "8", "--batch", "3",
                              "--methods", "gmres,bicgstab,minres")
@@ -88,6 +96,7 @@ def test_compare_convdiff_batched(tmp_path, capsys):
         assert rows[m]["rel_error"] < 1e-4
 
 
+@needs_matplotlib
 def test_compare_hopfield_batch_of_digits(tmp_path, capsys):
     # Each digit has its own Jacobian; the scipy bridge solves them one at a time.
     rc, out, doc = run_compare(tmp_path, capsys, "--batch", "2", "--methods", "gmres,scipy.gmres,neumann,cg")
@@ -101,6 +110,7 @@ def test_compare_hopfield_batch_of_digits(tmp_path, capsys):
     assert rows["neumann"]["vjps"] > rows["gmres"]["vjps"]
 
 
+@needs_matplotlib
 def test_compare_hopfield_torch_backend_matches_numpy(tmp_path, capsys):
     pytest.importorskip("torch")
     _, _, doc_t = run_compare(tmp_path, capsys, "--batch", "1", "--backend", "torch", "--methods", "gmres,lsqr")
@@ -112,6 +122,7 @@ def test_compare_hopfield_torch_backend_matches_numpy(tmp_path, capsys):
         assert rt["rel_error"] < 1e-4
 
 
+@needs_matplotlib
 def test_compare_gnn(tmp_path, capsys):
     pytest.importorskip("torch")
     _, _, doc = run_compare(tmp_path, capsys, "--problem", "gnn", "--size", "12", "--methods", "gmres,cgne,fixed_point")
@@ -203,6 +214,7 @@ def test_bad_matrix_file_exits_2(tmp_path, capsys):
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@needs_matplotlib
 @pytest.mark.skipif(_b.has_module("cupy"), reason="cupy is installed")
 def test_cupy_backend_without_cupy_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
@@ -270,6 +282,7 @@ def test_imports_load_no_plotting_or_progress_package():
     assert out.returncode == 0, out.stderr
 
 
+@needs_matplotlib
 def test_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     code = (
         "import matplotlib\n"
