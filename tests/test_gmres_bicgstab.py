@@ -115,3 +115,85 @@ def test_estimate_below_tolerance_is_not_passed_off_as_converged(method):
     r_true = np.linalg.norm(b.astype(np.float64) - A.astype(np.float64) @ res.x.astype(np.float64))
     assert r_true > 1e-7 * bnorm
     assert res.residual_norm == pytest.approx(r_true, rel=0.3)
+
+
+# -- the paths of the lean iterations ---------------------------------------------------------
+
+def _paths_problem(n=60, seed=5):
+    rng = np.random.default_rng(seed)
+    M = np.eye(n) - 0.9 * rng.standard_normal((n, n)) / np.sqrt(n)
+    return M, rng.standard_normal(n)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(rtol=1e-10, restart=7), dict(rtol=None, atol=None, maxiter=25, restart=6),
+    dict(rtol=1e-9, restart=10, check_every=4), dict(rtol=1e-9, restart=9, callback=lambda k, x, r: None),
+])
+def test_gmres_host_and_device_paths_agree(monkeypatch, opts):
+    # The host path (small dense algebra in numpy, one system on 1-D views) and the device
+    # path (everything in the data's namespace, what a GPU runs) are the same iteration.
+    import linsolve_rbp.solvers.gmres as g
+
+    M, b = _paths_problem()
+    B = np.stack([b, 2 * b[::-1], b + 1])
+    host1 = lr.solve(M, b, method="gmres", **opts)
+    hostB = lr.solve(M, B, method="gmres", batch_dims=1, **opts)
+    monkeypatch.setattr(g, "_on_host", lambda prob: False)
+    dev1 = lr.solve(M, b, method="gmres", **opts)
+    devB = lr.solve(M, B, method="gmres", batch_dims=1, **opts)
+    for h, d in ((host1, dev1), (hostB, devB)):
+        assert np.all(np.asarray(h.status) == np.asarray(d.status))
+        assert (h.iterations, h.matvecs, h.info) == (d.iterations, d.matvecs, d.info)
+        assert np.allclose(h.x, d.x, rtol=1e-10, atol=1e-12)
+        assert np.allclose(h.residual_history, d.residual_history, rtol=1e-8, atol=1e-14)
+    assert np.allclose(hostB.x[0], host1.x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(rtol=1e-10), dict(rtol=None, atol=None, maxiter=25), dict(rtol=1e-9, check_every=3),
+])
+def test_bicgstab_single_and_batched_paths_agree(monkeypatch, opts):
+    # One system on the host runs its scalars as numpy scalars; the batched path (what a GPU
+    # and batches run) runs them as (B,) arrays with masks. Same iteration.
+    import linsolve_rbp.solvers.bicgstab as bg
+
+    M, b = _paths_problem(seed=6)
+    one = lr.solve(M, b, method="bicgstab", **opts)
+    monkeypatch.setattr(bg, "_on_host", lambda prob: False)
+    ref = lr.solve(M, b, method="bicgstab", **opts)
+    assert one.status == ref.status
+    assert (one.iterations, one.matvecs) == (ref.iterations, ref.matvecs)
+    assert np.allclose(one.x, ref.x, rtol=1e-10, atol=1e-12)
+    assert np.allclose(one.residual_history, ref.residual_history, rtol=1e-8, atol=1e-14)
+    both = lr.solve(M, np.stack([b, b]), method="bicgstab", batch_dims=1, **opts)
+    assert np.all(np.asarray(both.status) == one.status) and both.iterations == one.iterations
+
+
+def test_gmres_torch_cpu_matches_numpy():
+    torch = pytest.importorskip("torch")
+    M, b = _paths_problem(seed=7)
+    ref = lr.solve(M, b, method="gmres", rtol=1e-10, restart=8)
+    for Mt, bt in ((torch.from_numpy(M), torch.from_numpy(b)),
+                   (torch.from_numpy(M).float(), torch.from_numpy(b).float())):
+        res = lr.solve(Mt, bt, method="gmres", rtol=1e-10 if Mt.dtype == torch.float64 else 1e-5, restart=8)
+        assert res.status is lr.Status.CONVERGED and res.x.dtype == bt.dtype
+        if Mt.dtype == torch.float64:
+            assert (res.iterations, res.matvecs) == (ref.iterations, ref.matvecs)
+            assert np.allclose(res.x.numpy(), ref.x, rtol=1e-10, atol=1e-12)
+
+
+def test_lean_benchmark_runs_quick(capsys):
+    # asv_benchmarks/lean_gmres.py stays runnable (toy sizes; its figures mean nothing here).
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    try:
+        bench = importlib.import_module("asv_benchmarks.lean_gmres")
+        assert bench.main(["--quick"]) == 0
+    finally:
+        sys.path.remove(root)
+    out = capsys.readouterr().out
+    assert "gmres dense" in out and "bicgstab per product" in out and "overhead" in out

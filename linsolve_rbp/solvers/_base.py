@@ -11,6 +11,7 @@ from ``prob.xp``, never from numpy, torch or cupy. They never write into ``prob.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ from .._result import Status
 from .._validate import COMMON_OPTIONS, check_kind, unknown_option
 
 __all__ = [
-    "Problem", "Monitor", "Outcome", "Solver", "dot", "norm", "safe_norm", "run_scaled", "verified_rounds",
+    "Problem", "Monitor", "Outcome", "Solver", "dot", "is_host", "norm", "safe_norm", "run_scaled", "verified_rounds",
     "RUNNING",
 ]
 
@@ -35,11 +36,50 @@ NONFINITE = Status.NONFINITE.code
 LEAST_SQUARES = Status.LEAST_SQUARES.code
 
 
+_VECDOT: dict = {}
+
+
+def _vecdot_of(xp):
+    """The fastest per-row ``vecdot(u, v)`` of a namespace, found once: torch's own
+    ``torch.linalg.vecdot`` for the ``array_api_compat.torch`` wrapper (whose generic
+    ``vecdot`` broadcasts and moves axes in Python, ten times the cost of the kernel),
+    ``xp.vecdot`` elsewhere, None without one."""
+    key = id(xp)
+    try:
+        return _VECDOT[key][1]
+    except KeyError:
+        pass
+    f = getattr(xp, "vecdot", None)
+    if f is not None:
+        f = (lambda f: lambda u, v: f(u, v, axis=-1))(f)
+    if getattr(xp, "__name__", "") == "array_api_compat.torch":
+        import torch
+
+        def f(u, v):
+            return torch.linalg.vecdot(u, v, dim=-1)
+    _VECDOT[key] = (xp, f)  # xp kept alive, so that its id is not reused
+    return f
+
+
 def dot(xp, u, v):
-    """Per-row inner products ``<u_i, v_i> = sum conj(u_i) v_i`` of ``(B, n)`` arrays."""
+    """Per-row inner products ``<u_i, v_i> = sum conj(u_i) v_i`` of ``(B, n)`` arrays.
+
+    One fused call (``vecdot``: BLAS on numpy, one kernel on torch) where the namespace has
+    it, no temporary ``(B, n)`` product."""
+    vecdot = _vecdot_of(xp)
+    if vecdot is not None:
+        return vecdot(u, v)
     if xp.isdtype(u.dtype, "complex floating"):
         u = xp.conj(u)
     return xp.sum(u * v, axis=-1)
+
+
+def is_host(xp) -> bool:
+    """Whether arrays of ``xp`` live in host memory, so that reading one of their scalars
+    costs no device synchronisation (numpy). Decided once per solve from the namespace."""
+    # numpy itself, or array_api_compat's wrapper of it; not jax.numpy, whose arrays are
+    # immutable and may live on a device.
+    return getattr(xp, "__name__", "") in ("numpy", "array_api_compat.numpy")
 
 
 def norm(xp, v):
@@ -136,13 +176,19 @@ class Problem:
         mode."""
         if self.fixed_budget:
             return None
+        cached = self.__dict__.get("_thresholds")
+        if cached is not None and cached[0] is self.b and cached[1] == (self.rtol, self.atol) and cached[2] is self.scale:
+            return cached[3]
         xp = self.xp
         bnorm = safe_norm(xp, self.b)
         rtol = 0.0 if self.rtol is None else self.rtol
         atol = xp.asarray(0.0 if self.atol is None else self.atol, dtype=bnorm.dtype, device=self.device)
         if self.scale is not None:
             atol = atol / self.scale
-        return xp.maximum(rtol * bnorm, atol)
+        thr = xp.maximum(rtol * bnorm, atol)
+        # Computed once per problem (the monitor and the claim checks ask for it again).
+        self.__dict__["_thresholds"] = (self.b, (self.rtol, self.atol), self.scale, thr)
+        return thr
 
 
 @dataclass
@@ -215,6 +261,13 @@ class Monitor:
         if prob.divtol is not None:
             self._divlim = xp.minimum(prob.divtol * r0norm, xp.asarray(xp.finfo(r0norm.dtype).max, dtype=r0norm.dtype, device=prob.device))
         self._single = B == 1
+        #: A single system whose scalars can be read on the host without a device
+        #: synchronisation (numpy), or with the one synchronisation per iteration that
+        #: ``check_every=1`` allows anyway: :meth:`update` then takes its decisions on host
+        #: floats, with the same outcome as the array tests (see :meth:`_update_single`).
+        self.host_single = B == 1 and (is_host(xp) or prob.check_every == 1)
+        self._host_key = self._best_key = self  # nothing read yet
+        self._thr_f = self._lim_f = self._best_f = None
         self._stop_r = r0norm
         self._test(r0norm)
 
@@ -294,12 +347,19 @@ class Monitor:
         code = status.code if isinstance(status, Status) else status
         self._set(self.active & mask, code)
 
-    def update(self, rnorm, x=None, of=None) -> bool:
+    def update(self, rnorm, x=None, of=None, fresh: bool = False) -> bool:
         """Record iteration ``k + 1``; return True when the solver should stop.
 
         ``x`` is the new iterate (for the callback); ``of`` is the iterate whose residual
         ``rnorm`` is, when that is not ``x`` (``neumann`` and ``fixed_point`` know the
-        residual of the previous iterate), for the choice of the best iterate."""
+        residual of the previous iterate), for the choice of the best iterate.
+
+        ``fresh=True`` promises that the solver will not write into that iterate later (it
+        makes a new array each iteration): the monitor then keeps a reference to it as the
+        best iterate instead of a copy. Without it the monitor copies, since solvers may
+        update their iterate in place."""
+        if self.host_single:
+            return self._update_single(rnorm, x, of, fresh)
         xp = self.xp
         self.k += 1
         was_active = self.active
@@ -310,7 +370,7 @@ class Monitor:
             better = was_active & xp.isfinite(rnorm) & (rnorm <= self.best_r)
             self.best_r = xp.where(better, rnorm, self.best_r)
             if self.best_x is None:
-                self.best_x = xp.asarray(cand, copy=True)
+                self.best_x = cand if fresh else xp.asarray(cand, copy=True)
             else:
                 self.best_x = xp.where(better[:, None], cand, self.best_x)
         cb = self.prob.callback
@@ -321,6 +381,56 @@ class Monitor:
                 cb(self.k, None if x is None else x[0, ...], rnorm[0])
         if self.k % self.prob.check_every == 0:
             return not self.any_active()
+        return False
+
+    def _update_single(self, rnorm, x, of, fresh) -> bool:
+        """:meth:`update` for one system, on host floats: the same tests, best iterate,
+        history and callback as the array path (``_test`` and the ``better`` mask), with one
+        scalar read instead of a dozen ``(1,)`` array operations and no copy of the iterate
+        when it is ``fresh``."""
+        self.k += 1
+        self.history.append(rnorm)
+        r = float(rnorm[0])
+        was = bool(self.active[0])
+        if was:
+            self._stop_r = rnorm
+            thr = self._threshold
+            if self._host_key is not thr:
+                # The threshold changed (or this is the first update): read the thresholds
+                # once, not every iteration.
+                self._host_key = thr
+                self._thr_f = None if thr is None else float(thr[0])
+                self._lim_f = None if self._divlim is None else float(self._divlim[0])
+            thr, lim = self._thr_f, self._lim_f
+            if thr is not None:
+                go = r > thr and (r <= lim if lim is not None else math.isfinite(r))
+            elif lim is not None:
+                go = r <= lim
+            else:
+                go = math.isfinite(r)
+            if not go:
+                xp = self.xp
+                self.active = xp.zeros((1,), dtype=xp.bool, device=self.prob.device)
+                self._dirty = True
+        cand = x if of is None else of
+        if cand is not None:
+            if self._best_key is not self.best_r:
+                self._best_key = self.best_r
+                self._best_f = float(self.best_r[0])
+            better = was and math.isfinite(r) and r <= self._best_f
+            if better:
+                self.best_r = self._best_key = rnorm
+                self._best_f = r
+            if better or self.best_x is None:
+                self.best_x = cand if fresh else self.xp.asarray(cand, copy=True)
+        cb = self.prob.callback
+        if cb is not None:
+            if self.prob.batched:
+                cb(self.k, x, rnorm)
+            else:
+                cb(self.k, None if x is None else x[0, ...], rnorm[0])
+        if self.k % self.prob.check_every == 0:
+            return not bool(self.active[0])
         return False
 
     def any_active(self) -> bool:

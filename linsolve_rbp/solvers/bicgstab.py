@@ -9,7 +9,11 @@ the solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 13(2), 
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, safe_norm
+import math
+
+from .. import backend as _b
+from ._base import BREAKDOWN, Monitor, Problem, Solver, norm, safe_norm
+from .gmres import _mutable, _on_host
 
 __all__ = ["BiCGStab"]
 
@@ -58,6 +62,141 @@ class BiCGStab(Solver):
     accepts_preconditioner = True
 
     def run(self, prob: Problem):
+        if prob.nsys == 1 and _on_host(prob) and _mutable(prob):
+            out = self._run_single(prob)
+            if out is not None:
+                return out
+        return self._run_batched(prob)
+
+    def _run_single(self, prob: Problem):
+        """One system on the host: the same iteration with its scalars (``rho``, ``alpha``,
+        ``omega``, the norms and the tests on them) as numpy scalars of the working precision,
+        read from a small device buffer whose host view is made once; the device does only the
+        vector work (a dozen operations per iteration instead of a hundred). None where the
+        library does not share memory with numpy (arrays without item assignment take the
+        batched path, which assigns nothing)."""
+        xp = prob.xp
+        dev = prob.device
+        dtype, rdtype = prob.dtype, prob.real_dtype
+        cplx = xp.isdtype(dtype, "complex floating")
+        eps2 = float(xp.finfo(rdtype).eps) ** 2
+        host = _b.to_numpy
+        Gc = xp.zeros((4, 1, 1), dtype=dtype, device=dev)
+        Gr = xp.zeros((4,), dtype=rdtype, device=dev)
+        Gc_h, Gr_h = host(Gc), host(Gr)
+        Gc[0, 0, 0] = 1
+        Gr[0] = 1
+        if not (Gc_h.shape == (4, 1, 1) and Gc_h[0, 0, 0] == 1 and Gr_h.shape == (4,) and Gr_h[0] == 1):
+            return None
+        one = Gc_h.dtype.type(1)
+        Tr = Gr_h.dtype.type
+        ones_r = xp.ones((1,), dtype=rdtype, device=dev)
+
+        def nrm(sq):
+            # The 2-norm from its square <u, u> (one BLAS dot, where vector_norm makes two or
+            # three passes): the data are scaled to a largest magnitude in [1, 2) (see
+            # run_scaled), so the square neither overflows nor underflows.
+            return Tr(math.sqrt(sq.real if cplx else sq))
+        zero = Gc_h.dtype.type(0)
+        yes = xp.ones((1,), dtype=xp.bool, device=dev)
+
+        def cj(u):
+            return xp.conj(u) if cplx else u
+
+        def M(v):
+            return v if prob.psolve is None else prob.psolve(v)
+
+        x = prob.initial_x()
+        r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
+        rnorm = norm(xp, r)
+        mon = Monitor(prob, rnorm, x0=x)
+        rtrue = rnorm
+        restarts = 0
+        zeros = xp.zeros_like(r)
+        while mon.k < prob.maxiter and mon.any_active():
+            # (Re)start from the true residual; the shadow residual r_hat = r_0.
+            rhat_c = cj(r)
+            rn = rhat_n = host(rnorm)[0]
+            thr = mon.threshold
+            thr = None if thr is None else host(thr)[0]
+            active = True
+            p = v = zeros
+            rho_prev = alpha = omega = one
+            while mon.k < prob.maxiter:
+                # An exactly zero residual (possible in fixed-budget mode, where nothing
+                # converges) means x is exact: freeze without calling it a breakdown.
+                go = active and rn > 0
+                Gc[0, ...] = rhat_c @ r.mT
+                rho = Gc_h[0, 0, 0]
+                if go and abs(rho) <= eps2 * rhat_n * rn:
+                    mon.flag(yes, BREAKDOWN)
+                    go = False
+                beta = (rho / (rho_prev if rho_prev != 0 else one)) * (alpha / (omega if omega != 0 else one))
+                # A stopped system gets p = 0, so its (unused) scalars stay finite.
+                p = r + beta.item() * (p - omega.item() * v) if go else zeros
+                phat = M(p)
+                v = prob.mv(phat)
+                Gc[1, ...] = rhat_c @ v.mT
+                Gc[2, ...] = cj(v) @ v.mT
+                rv = Gc_h[1, 0, 0]
+                if go and abs(rv) <= eps2 * rhat_n * nrm(Gc_h[2, 0, 0]):
+                    mon.flag(yes, BREAKDOWN)
+                    go = False
+                alpha = rho / (rv if rv != 0 else one)
+                s = r - alpha.item() * v
+                Gc[3, ...] = cj(s) @ s.mT
+                sn = nrm(Gc_h[3, 0, 0])
+                # Half-step convergence: x + alpha p_hat already meets the tolerance.
+                half = thr is not None and go and sn <= thr
+                shat = M(s)
+                t = prob.mv(shat)
+                tc = cj(t)
+                Gc[0, ...] = tc @ s.mT
+                ts = Gc_h[0, 0, 0]
+                full = go and not half and sn > 0
+                bad = False
+                omega = zero
+                if full:
+                    Gc[1, ...] = tc @ t.mT
+                    tt = Gc_h[1, 0, 0]
+                    if abs(ts) <= eps2 * nrm(tt) * sn:
+                        bad, full = True, False
+                    else:
+                        omega = ts / (tt if tt != 0 else one)
+                # A system whose omega broke down still takes the half step (x + alpha p_hat,
+                # residual s), the best iterate the method has for it.
+                if go:
+                    x = x + alpha.item() * phat + omega.item() * shat
+                    if full:
+                        r = s - omega.item() * t
+                        Gc[2, ...] = cj(r) @ r.mT
+                        rn = nrm(Gc_h[2, 0, 0])
+                    else:
+                        r = s - omega.item() * t
+                        rn = sn
+                    # ones * rn: a new device array holding rn exactly, in one operation.
+                    rnorm = ones_r * rn.item()
+                    rho_prev = rho
+                if bad:
+                    mon.flag(yes, BREAKDOWN)
+                stop = mon.update(rnorm, x)
+                if stop:
+                    break
+                if prob.check_every != 1:
+                    # (With check_every = 1 the monitor says stop exactly when the system
+                    # stopped.) On the host, reading the flag costs no synchronisation.
+                    active = bool(host(mon.active)[0])
+            r = prob.b - prob.mv(x)
+            rtrue = rnorm = safe_norm(xp, r)
+            reopened = mon.check(x, rtrue)
+            if reopened is not None:
+                # Ask the recursive residual to go as far below the tolerance as the true
+                # residual was above it.
+                mon.tighten(reopened, rtrue, factor=1.0)
+            restarts += 1
+        return mon.finish(x, rtrue, info={"restarts": max(restarts - 1, 0)})
+
+    def _run_batched(self, prob: Problem):
         xp = prob.xp
         dev = prob.device
         B = prob.nsys
@@ -69,6 +208,24 @@ class BiCGStab(Solver):
 
         def safe(d):
             return xp.where(d != 0, d, ones)
+
+        cplx = xp.isdtype(dtype, "complex floating")
+
+        def dot(u, v):
+            # Per-row <u, v> as one product (a BLAS dot, no temporary); u is conjugated by
+            # the caller for complex data.
+            return (u[:, None, :] @ v[:, :, None])[:, 0, 0]
+
+        def cj(u):
+            return xp.conj(u) if cplx else u
+
+        # On the host, whether every system goes on costs nothing to read: the masks that
+        # freeze stopped systems are then skipped (the arithmetic of a running system is the
+        # same either way). On a device that would be a synchronisation per iteration.
+        host = _on_host(prob)
+
+        def every(mask):
+            return host and bool(xp.all(mask))
 
         def col(a):
             return a[:, None]
@@ -85,6 +242,7 @@ class BiCGStab(Solver):
         while mon.k < prob.maxiter and bool(xp.any(mon.active)):
             # (Re)start from the true residual; the shadow residual r_hat = r_0.
             rhat = r
+            rhat_c = cj(rhat)
             rhat_n = rnorm
             p = v = xp.zeros_like(r)
             rho_prev = alpha = omega = ones
@@ -92,15 +250,18 @@ class BiCGStab(Solver):
                 # An exactly zero residual (possible in fixed-budget mode, where nothing
                 # converges) means x is exact: freeze without calling it a breakdown.
                 go = mon.active & (rnorm > 0)
-                rho = dot(xp, rhat, r)
+                rho = dot(rhat_c, r)
                 mon.flag(go & (xp.abs(rho) <= eps2 * rhat_n * rnorm), BREAKDOWN)
                 go = go & mon.active
                 beta = (rho / safe(rho_prev)) * (alpha / safe(omega))
                 # Stopped systems get p = 0, so their (unused) scalars stay finite.
-                p = xp.where(col(go), r + col(beta) * (p - col(omega) * v), xp.zeros_like(p))
+                p = r + col(beta) * (p - col(omega) * v)
+                all_go = every(go)
+                if not all_go:
+                    p = xp.where(col(go), p, xp.zeros_like(p))
                 phat = M(p)
                 v = prob.mv(phat)
-                rv = dot(xp, rhat, v)
+                rv = dot(rhat_c, v)
                 bad = go & (xp.abs(rv) <= eps2 * rhat_n * norm(xp, v))
                 mon.flag(bad, BREAKDOWN)
                 go = go & ~bad
@@ -111,16 +272,25 @@ class BiCGStab(Solver):
                 half = no if mon.threshold is None else go & (snorm <= mon.threshold)
                 shat = M(s)
                 t = prob.mv(shat)
-                ts = dot(xp, t, s)
+                tc = cj(t)
+                ts = dot(tc, s)
                 full = go & ~half & (snorm > 0)
                 bad = full & (xp.abs(ts) <= eps2 * norm(xp, t) * snorm)
                 full = full & ~bad
-                omega = xp.where(full, ts / safe(dot(xp, t, t)), zeros)
+                omega = xp.where(full, ts / safe(dot(tc, t)), zeros)
                 # A system whose omega broke down still takes the half step (x + alpha p_hat,
                 # residual s), the best iterate the method has for it.
-                x = xp.where(col(go), x + col(alpha) * phat + col(omega) * shat, x)
-                r = xp.where(col(go), s - col(omega) * t, r)
-                rnorm = xp.where(go, xp.where(full, norm(xp, r), snorm), rnorm)
+                xn = x + col(alpha) * phat + col(omega) * shat
+                rn = s - col(omega) * t
+                if all_go and every(go):
+                    x, r = xn, rn
+                else:
+                    x = xp.where(col(go), xn, x)
+                    r = xp.where(col(go), rn, r)
+                if every(full):
+                    rnorm = norm(xp, r)
+                else:
+                    rnorm = xp.where(go, xp.where(full, norm(xp, r), snorm), rnorm)
                 rho_prev = xp.where(go, rho, rho_prev)
                 mon.flag(bad, BREAKDOWN)
                 if mon.update(rnorm, x):

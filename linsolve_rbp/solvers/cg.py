@@ -14,13 +14,13 @@ systems", J. Res. Natl. Bur. Stand. 49(6), 409-436, 1952.
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, verified_rounds
-from ._krylov import real_part, safe_div
+from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, is_host, norm, verified_rounds
+from ._krylov import host_axpy, real_part, safe_div, where_of
 
 __all__ = ["CG", "conjugate_gradients"]
 
 
-def conjugate_gradients(prob: Problem, mon: Monitor, x, r, rnorm, seed, curvature):
+def conjugate_gradients(prob: Problem, mon: Monitor, x, r, rnorm, seed, curvature, fused: bool = False):
     """Run the conjugate-gradient recurrence from iterate ``x`` with residual ``r = b - A x``
     (norms ``rnorm``) until the monitor stops every system or ``maxiter`` is reached.
 
@@ -39,6 +39,9 @@ def conjugate_gradients(prob: Problem, mon: Monitor, x, r, rnorm, seed, curvatur
     curvature : callable
         ``curvature(p, q) -> (B,)`` with ``q = A p``: the step's denominator
         (``<p, A p>`` for CG; ``||A p||^2 + eta ||p||^2`` for CGLS).
+    fused : bool
+        ``seed`` is ``(r, <r, r>)`` (CG without a preconditioner): the inner product that
+        gives the residual norm of one iteration is the numerator of the next, computed once.
 
     Returns
     -------
@@ -50,23 +53,90 @@ def conjugate_gradients(prob: Problem, mon: Monitor, x, r, rnorm, seed, curvatur
     A zero numerator or denominator in a system whose residual is not zero is a breakdown
     (singular or indefinite ``A``, or an indefinite ``M``) and that system stops with
     BREAKDOWN; a zero residual (an exact solve in fixed-budget mode) just stops changing.
+
+    Each iteration makes a new ``x`` (the monitor keeps a reference to the best one, no
+    copy) and updates ``r`` and ``p`` in place where the namespace allows it (augmented
+    assignment; on immutable arrays it rebinds). A single system on the host (numpy) takes
+    its decisions on host scalars and applies no masks: a stopped system is not updated.
     """
     xp = prob.xp
-    p = rho_old = None
+    if mon.host_single and is_host(xp):
+        return _cg_host(prob, mon, x, r, rnorm, seed, curvature, fused)
+    where = where_of(xp)
+    p = rho_old = rr = None
     while mon.k < prob.maxiter:
-        z, rho = seed(r, x)
-        p = z if p is None else z + safe_div(xp, rho, rho_old)[:, None] * p
+        if fused and rr is not None:
+            z, rho = r, rr
+        else:
+            z, rho = seed(r, x)
+        if p is None:
+            p = xp.asarray(z, copy=True)
+        else:
+            p *= safe_div(xp, rho, rho_old)[:, None]
+            p += z
         q = prob.mv(p)
         den = curvature(p, q)
         mon.flag(((rho == 0) | (den == 0)) & (rnorm > 0), BREAKDOWN)
         active = mon.active
-        alpha = xp.where(active, safe_div(xp, rho, den), xp.zeros_like(rho))
+        alpha = where(active, safe_div(xp, rho, den), xp.zeros_like(rho))
         # Stopped systems keep x and r exactly, even where their p or q hold NaN.
-        x = xp.where(active[:, None], x + alpha[:, None] * p, x)
-        r = xp.where(active[:, None], r - alpha[:, None] * q, r)
-        rnorm = xp.where(active, norm(xp, r), rnorm)
+        col = active[:, None]
+        x = where(col, x + alpha[:, None] * p, x)
+        r = where(col, r - alpha[:, None] * q, r)
+        if fused:
+            rr = real_part(xp, dot(xp, r, r))
+            rnorm = where(active, xp.sqrt(rr), rnorm)
+        else:
+            rnorm = where(active, norm(xp, r), rnorm)
         rho_old = rho
-        if mon.update(rnorm, x):
+        if mon.update(rnorm, x, fresh=True):
+            break
+    return x, rnorm
+
+
+def _cg_host(prob: Problem, mon: Monitor, x, r, rnorm, seed, curvature, fused):
+    """:func:`conjugate_gradients` for one system on the host (numpy): the step sizes are
+    host floats (a float32 quotient computed in float64 and rounded to float32 is the
+    float32 quotient), a stopped system is simply not updated (no masks), ``r`` and ``p``
+    are updated in place and ``x`` is a new array each iteration, all with BLAS ``axpy``."""
+    xp = prob.xp
+    axpy = host_axpy(xp, prob.b)
+    p = None
+    # r is updated in place: a copy of the one given (it may be prob.b).
+    r = xp.asarray(r, copy=True)
+    r1 = r[0, ...]
+    rho_old = rr = 0.0
+    rn = float(rnorm[0])
+    while mon.k < prob.maxiter:
+        if fused and p is not None:
+            z, rho = r, rr
+        else:
+            z, rho_a = seed(r, x)
+            rho = float(rho_a[0])
+        if p is None:
+            p = xp.asarray(z, copy=True)
+            p1 = p[0, ...]
+        else:
+            p *= rho / rho_old if rho_old != 0.0 else 0.0
+            p += z
+        q = prob.mv(p)
+        den = float(curvature(p, q)[0])
+        if (rho == 0.0 or den == 0.0) and rn > 0.0:
+            mon.flag(mon.active, BREAKDOWN)
+        if bool(mon.active[0]):
+            alpha = rho / den if den != 0.0 else 0.0
+            x = xp.asarray(x, copy=True)
+            axpy(alpha, p1, x[0, ...])
+            axpy(-alpha, q[0, ...], r1)
+            if fused:
+                rr_a = real_part(xp, dot(xp, r, r))
+                rr = float(rr_a[0])
+                rnorm = xp.sqrt(rr_a)
+            else:
+                rnorm = norm(xp, r)
+            rn = float(rnorm[0])
+        rho_old = rho
+        if mon.update(rnorm, x, fresh=True):
             break
     return x, rnorm
 
@@ -128,7 +198,7 @@ class CG(Solver):
             return real_part(xp, dot(xp, p, q))
 
         def iterate(x, r, rnorm):
-            return conjugate_gradients(prob, mon, x, r, rnorm, seed, curvature)
+            return conjugate_gradients(prob, mon, x, r, rnorm, seed, curvature, fused=psolve is None)
 
         x, rnorm = verified_rounds(prob, mon, x, r, mon.history[0], iterate)
         return mon.finish(x, rnorm)

@@ -17,7 +17,8 @@ Back-Propagation", ICML 2018 (CG-RBP).
 
 from __future__ import annotations
 
-from ._base import Monitor, Problem, Solver, norm, verified_rounds
+from ._base import Monitor, Problem, Solver, dot, norm, verified_rounds
+from ._krylov import real_part
 from .cg import conjugate_gradients
 
 __all__ = ["CGNE"]
@@ -91,16 +92,17 @@ class CGNE(Solver):
 
         # The gradient of the (damped) least-squares objective seeds the direction, so that
         # A^H is applied once per iteration, to the residual, and never after the last one.
+        # Squared norms as one fused inner product each (<s, s>, not ||s||^2 from a norm).
         def seed(r, x):
             s = prob.rmv(r)
             if eta:
                 s = s - eta * x
-            return s, norm(xp, s) ** 2
+            return s, real_part(xp, dot(xp, s, s))
 
         def curvature(p, q):
-            c = norm(xp, q) ** 2
+            c = real_part(xp, dot(xp, q, q))
             if eta:
-                c = c + eta * norm(xp, p) ** 2
+                c = c + eta * real_part(xp, dot(xp, p, p))
             return c
 
         def iterate(x, r, rnorm):

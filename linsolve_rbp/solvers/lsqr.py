@@ -16,7 +16,9 @@ and sparse least squares", ACM Trans. Math. Softw. 8(1), 43-71, 1982.
 from __future__ import annotations
 
 from ._base import LEAST_SQUARES, Monitor, Problem, Solver, norm, verified_rounds
-from ._krylov import safe_div, scalars
+import math
+
+from ._krylov import fdiv, host_axpy, host_scalars, safe_div, scalars, sq_norm, where_of
 
 __all__ = ["LSQR"]
 
@@ -127,6 +129,9 @@ def _lsqr(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
     ``maxiter`` is reached; returns ``x``, the recurred residual norms and the estimates of
     ``||A^H r - damp^2 x||``."""
     xp = prob.xp
+    if host_scalars(prob, mon):
+        return _lsqr_host(prob, mon, x, r, rnorm, ls_tol)
+    where = where_of(xp)
     damp = prob.options["damp"]
     one, zero = scalars(prob, 1.0), scalars(prob, 0.0)
     beta = norm(xp, r)
@@ -174,21 +179,21 @@ def _lsqr(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
         rho = xp.hypot(rhobar1, beta)
         # rho = 0 only after the bidiagonalisation has ended: keep everything as is.
         live = rho > 0
-        c = xp.where(live, safe_div(xp, rhobar1, rho), one)
+        c = where(live, safe_div(xp, rhobar1, rho), one)
         s = safe_div(xp, beta, rho)
         theta = s * alpha_next
-        rhobar = xp.where(live, -c * alpha_next, rhobar)
-        phi = xp.where(live, c * phibar, zero)
-        phibar = xp.where(live, s * phibar, phibar)
+        rhobar = where(live, -c * alpha_next, rhobar)
+        phi = where(live, c * phibar, zero)
+        phibar = where(live, s * phibar, phibar)
         step = safe_div(xp, phi, rho)
         t = safe_div(xp, theta, rho)
         alpha = alpha_next
 
         active = mon.active
-        x = xp.where(active[:, None], x + step[:, None] * w, x)
-        r = xp.where(active[:, None], r - step[:, None] * aw, r)
-        rnorm = xp.where(active, norm(xp, r), rnorm)
-        arnorm = xp.where(active, alpha_next * xp.abs(c * phibar), arnorm)
+        x = where(active[:, None], x + step[:, None] * w, x)
+        r = where(active[:, None], r - step[:, None] * aw, r)
+        rnorm = where(active, norm(xp, r), rnorm)
+        arnorm = where(active, alpha_next * xp.abs(c * phibar), arnorm)
         if not prob.fixed_budget:
             # The least-squares test, on the damped residual ||[r; -damp x]||.
             r2norm = xp.sqrt(phibar**2 + damped2)
@@ -198,3 +203,89 @@ def _lsqr(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
         if mon.update(rnorm, x):
             break
     return x, rnorm, arnorm
+
+
+def _lsqr_host(prob: Problem, mon: Monitor, x, r, rnorm, ls_tol: float):
+    """:func:`_lsqr` for one float64 system on the host (numpy): the bidiagonalisation and
+    rotation scalars are host floats (float64 arithmetic, as in the ``(1,)`` array path),
+    a stopped system is not updated (no masks), ``x`` is a new array each iteration and
+    ``r`` is updated in place (BLAS ``axpy``)."""
+    xp = prob.xp
+    damp = float(prob.options["damp"])
+    axpy = host_axpy(xp, prob.b)
+
+    def fnorm(v):
+        return math.sqrt(float(sq_norm(xp, v)[0]))
+
+    beta = fnorm(r)
+    u = fdiv(1.0, beta) * r
+    v = prob.rmv(u)
+    alpha = fnorm(v)
+    v = fdiv(1.0, alpha) * v
+    if not prob.fixed_budget and alpha == 0.0 and beta > 0.0:
+        mon.flag(mon.active, LEAST_SQUARES)
+
+    phibar, rhobar = beta, alpha
+    anorm2 = 0.0
+    damped2 = 0.0
+    arnorm = alpha * beta
+    t = 0.0
+    w = xp.zeros_like(x)
+    aw = xp.zeros_like(r)
+
+    def out():
+        return xp.asarray([arnorm], dtype=prob.real_dtype, device=prob.device)
+
+    if not mon.any_active():
+        return x, rnorm, out()
+    r = xp.asarray(r, copy=True)
+    r1 = r[0, ...]
+    while mon.k < prob.maxiter:
+        av = prob.mv(v)
+        w = v - t * w
+        aw = av - t * aw
+        u = av - alpha * u
+        beta = fnorm(u)
+        u = fdiv(1.0, beta) * u
+        anorm2 = anorm2 + alpha**2 + beta**2 + damp**2
+        v_next = prob.rmv(u) - beta * v
+        alpha_next = fnorm(v_next)
+        v = fdiv(1.0, alpha_next) * v_next
+
+        if damp:
+            rhobar1 = math.hypot(rhobar, damp)
+            damped2 = damped2 + (fdiv(damp * phibar, rhobar1)) ** 2
+            phibar = fdiv(rhobar * phibar, rhobar1)
+        else:
+            rhobar1 = rhobar
+        rho = math.hypot(rhobar1, beta)
+        live = rho > 0.0
+        c = fdiv(rhobar1, rho) if live else 1.0
+        s = fdiv(beta, rho)
+        theta = s * alpha_next
+        if live:
+            rhobar = -c * alpha_next
+            phi = c * phibar
+            phibar = s * phibar
+        else:
+            phi = 0.0
+        step = fdiv(phi, rho)
+        t = fdiv(theta, rho)
+        alpha = alpha_next
+
+        active = bool(mon.active[0])
+        if active:
+            x = xp.asarray(x, copy=True)
+            axpy(step, w[0, ...], x[0, ...])
+            axpy(-step, aw[0, ...], r1)
+            rnorm = xp.sqrt(sq_norm(xp, r))
+            arnorm = alpha_next * abs(c * phibar)
+        if not prob.fixed_budget and active:
+            # The least-squares test, on the damped residual ||[r; -damp x]||.
+            r2norm = math.sqrt(phibar**2 + damped2)
+            ls = math.sqrt(anorm2) * r2norm * ls_tol
+            if arnorm <= ls and not (float(rnorm[0]) <= float(mon.threshold[0])):
+                mon.flag(mon.active, LEAST_SQUARES)
+        if mon.update(rnorm, x, fresh=True):
+            break
+    return x, rnorm, out()

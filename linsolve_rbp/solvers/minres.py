@@ -12,7 +12,9 @@ equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
 from __future__ import annotations
 
 from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, verified_rounds
-from ._krylov import real_part, safe_div, scalars
+import math
+
+from ._krylov import fdiv, fmax, host_axpy, host_scalars, real_part, safe_div, scalars, sq_norm, where_of
 
 __all__ = ["MINRES"]
 
@@ -90,6 +92,9 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
     """The MINRES recurrence from ``x`` with true residual ``r``, until the monitor stops
     every system or ``maxiter`` is reached; returns ``x`` and the recurred residual norms."""
     xp = prob.xp
+    if host_scalars(prob, mon):
+        return _minres_host(prob, mon, x, r, rnorm)
+    where = where_of(xp)
     psolve = prob.psolve if prob.psolve is not None else (lambda v: v)
     one = scalars(prob, 1.0)
 
@@ -100,7 +105,7 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
     y = psolve(r_cur)
     beta2 = real_part(xp, dot(xp, r_cur, y))
     mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
-    beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
+    beta = xp.sqrt(where(beta2 > 0, beta2, zero))
     beta_old = zero
     # Givens rotation state of the QR factorisation of the Lanczos tridiagonal matrix.
     cs, sn = scalars(prob, -1.0), zero
@@ -127,7 +132,7 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
         beta_old = beta
         beta2 = real_part(xp, dot(xp, r_cur, y))
         mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
-        beta = xp.sqrt(xp.where(beta2 > 0, beta2, zero))
+        beta = xp.sqrt(where(beta2 > 0, beta2, zero))
         anorm = xp.maximum(anorm, xp.hypot(xp.hypot(alpha, beta), beta_old))
         ended = beta <= tiny * anorm
 
@@ -154,13 +159,90 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
         aw_old, aw = aw, aw_new
 
         active = mon.active
-        x = xp.where(active[:, None], x + phi[:, None] * w, x)
-        r = xp.where(active[:, None], r - phi[:, None] * aw, r)
-        rnorm = xp.where(active, norm(xp, r), rnorm)
+        x = where(active[:, None], x + phi[:, None] * w, x)
+        r = where(active[:, None], r - phi[:, None] * aw, r)
+        rnorm = where(active, norm(xp, r), rnorm)
         # The step just taken minimised the residual over the whole invariant space: a
         # system that it does not solve cannot be solved by going on.
         if mon.threshold is not None:
             mon.flag(ended & ~(rnorm <= mon.threshold), BREAKDOWN)
         if mon.update(rnorm, x):
+            break
+    return x, rnorm
+
+
+def _minres_host(prob: Problem, mon: Monitor, x, r, rnorm):
+    """:func:`_minres` for one float64 system on the host (numpy): the Lanczos and Givens
+    scalars are host floats (float64 arithmetic, as in the ``(1,)`` array path), a stopped
+    system is not updated (no masks), ``x`` is a new array each iteration and ``r`` is
+    updated in place (BLAS ``axpy``); the definiteness test of ``M`` computes its norms only
+    when ``<r, M r>`` is negative (it cannot fire otherwise)."""
+    xp = prob.xp
+    psolve = prob.psolve if prob.psolve is not None else (lambda v: v)
+    axpy = host_axpy(xp, prob.b)
+    tiny = 10.0 * float(xp.finfo(prob.real_dtype).eps)
+
+    def rmr(r_cur, y):
+        b2 = float(real_part(xp, dot(xp, r_cur, y))[0])
+        if b2 < 0.0 and bool(_indefinite(xp, xp.asarray([b2], dtype=prob.real_dtype, device=prob.device), r_cur, y)[0]):
+            mon.flag(mon.active, BREAKDOWN)
+        return b2
+
+    r_prev = r_cur = r
+    y = psolve(r_cur)
+    beta2 = rmr(r_cur, y)
+    beta = math.sqrt(beta2) if beta2 > 0.0 else 0.0
+    beta_old = 0.0
+    cs, sn = -1.0, 0.0
+    dbar = eps = 0.0
+    phibar = beta
+    w = w_old = xp.zeros_like(x)
+    aw = aw_old = xp.zeros_like(r)
+    anorm = 0.0
+    # The residual, updated in place: a copy (r itself is r_prev and r_cur).
+    r = xp.asarray(r, copy=True)
+    r1 = r[0, ...]
+    while mon.k < prob.maxiter:
+        v = fdiv(1.0, beta) * y
+        av = prob.mv(v)
+        y = av - fdiv(beta, beta_old) * r_prev
+        alpha = float(real_part(xp, dot(xp, v, y))[0])
+        y = y - fdiv(alpha, beta) * r_cur
+        r_prev, r_cur = r_cur, y
+        y = psolve(r_cur)
+        beta_old = beta
+        beta2 = rmr(r_cur, y)
+        beta = math.sqrt(beta2) if beta2 > 0.0 else 0.0
+        anorm = fmax(anorm, math.hypot(math.hypot(alpha, beta), beta_old))
+        ended = beta <= tiny * anorm
+
+        eps_old = eps
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        eps = sn * beta
+        dbar = -cs * beta
+        gamma = math.hypot(gbar, beta)
+        if gamma <= tiny * anorm and phibar > 0.0:
+            mon.flag(mon.active, BREAKDOWN)
+        cs = fdiv(gbar, gamma)
+        sn = fdiv(beta, gamma)
+        phi = cs * phibar
+        phibar = sn * phibar
+
+        inv_gamma = fdiv(1.0, gamma)
+        w_new = (v - eps_old * w_old - delta * w) * inv_gamma
+        aw_new = (av - eps_old * aw_old - delta * aw) * inv_gamma
+        w_old, w = w, w_new
+        aw_old, aw = aw, aw_new
+
+        if bool(mon.active[0]):
+            x = xp.asarray(x, copy=True)
+            axpy(phi, w[0, ...], x[0, ...])
+            axpy(-phi, aw[0, ...], r1)
+            rnorm = xp.sqrt(sq_norm(xp, r))
+        thr = mon.threshold
+        if ended and thr is not None and not (float(rnorm[0]) <= float(thr[0])):
+            mon.flag(mon.active, BREAKDOWN)
+        if mon.update(rnorm, x, fresh=True):
             break
     return x, rnorm

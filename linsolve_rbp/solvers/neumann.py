@@ -9,7 +9,12 @@ Recurrent Back-Propagation", ICML 2018.
 
 from __future__ import annotations
 
-from ._base import Monitor, Problem, Solver, norm
+import math
+
+import numpy as np
+
+from .. import backend as _b
+from ._base import COMPLETED, Monitor, Outcome, Problem, Solver, norm
 
 
 class Neumann(Solver):
@@ -54,11 +59,28 @@ class Neumann(Solver):
         xp = prob.xp
         x0 = prob.initial_x()
         v = prob.b if prob.x0 is None else prob.b - prob.mv(x0)
-        mon = Monitor(prob, norm(xp, v), x0=x0)
+        r0 = norm(xp, v)
+        if lean_budget(prob, r0):
+            mv = prob.mv
+            # The same arithmetic as the loop below, without the masks and the monitor.
+            state = [v, x0 + v]
+
+            def step():
+                v, g = state
+                v = v - mv(v)
+                state[:] = v, g + v
+                return state[1], g, norm(xp, v)
+
+            return run_budget(prob, x0, r0, state[1], step)
+        mon = Monitor(prob, r0, x0=x0)
         rnorm = mon.history[0]
         zeros = xp.zeros_like(v)
         # A system whose x0 already meets the tolerance keeps x0, whose residual is known.
         g = xp.where(mon.active[:, None], x0 + v, x0)
+        # One system decided on host floats with a check every iteration: whenever the loop
+        # body runs the system is active (update returned False, or settle reopened it), so
+        # the masks below would select the new values anyway; skip them.
+        unmasked = always_active(mon, prob)
         r_next = None
         while mon.k < prob.maxiter:
             if r_next is None:
@@ -66,15 +88,100 @@ class Neumann(Solver):
             else:
                 # The true residual of the partial sum is the next term, exactly.
                 v, r_next = r_next, None
-            active = mon.active
-            v = xp.where(active[:, None], v, zeros)
-            # The new term is the residual of the previous partial sum, which is the
-            # candidate for the best iterate.
-            g_prev, g = g, g + v
-            rnorm = xp.where(active, norm(xp, v), rnorm)
-            if mon.update(rnorm, g, of=g_prev):
+            if unmasked:
+                g_prev, g = g, g + v
+                rnorm = norm(xp, v)
+            else:
+                active = mon.active
+                v = xp.where(active[:, None], v, zeros)
+                # The new term is the residual of the previous partial sum, which is the
+                # candidate for the best iterate.
+                g_prev, g = g, g + v
+                rnorm = xp.where(active, norm(xp, v), rnorm)
+            # g is a new array every iteration (never written into): the monitor may keep it.
+            if mon.update(rnorm, g, of=g_prev, fresh=True):
                 go_on = mon.settle(g)
                 if go_on is None:
                     break
                 r_next, rnorm = go_on
         return mon.close(g, rnorm)
+
+
+def always_active(mon: Monitor, prob: Problem) -> bool:
+    """Whether the monitor decides one system on host floats and stops the loop the
+    iteration it goes inactive (``check_every=1``): then every iteration a solver runs is one
+    of an active system, and its masks ``where(active, new, old)`` are the identity. (Call
+    it before the loop: a system that stops at ``x0`` runs one masked iteration.)"""
+    return bool(getattr(mon, "host_single", False)) and prob.check_every == 1 and bool(mon.active[0])
+
+
+
+def lean_budget(prob: Problem, r0) -> bool:
+    """Whether a fixed-budget solve can run :func:`run_budget`: one system, no callback, a
+    check every iteration, and a finite initial residual (a system stopped at ``x0`` takes the
+    monitor's path)."""
+    return (
+        prob.fixed_budget and prob.nsys == 1 and prob.callback is None and prob.check_every == 1
+        and math.isfinite(float(r0[0]))
+    )
+
+
+def run_budget(prob: Problem, x0, r0, x, step) -> Outcome:
+    """A fixed budget of ``prob.maxiter`` iterations of one system, decided on host floats.
+
+    ``x`` is the first iterate (before any product); ``step()`` runs one iteration and returns
+    ``(x_new, of, rnorm)``: the new iterate, the iterate whose residual norm ``rnorm`` is, and
+    that norm as a ``(1,)`` array. What the monitor would do costs one scalar read per
+    iteration here: the divergence and non-finite tests, and which iterate is the best. As
+    long as nothing fails, the outcome is the monitor's (COMPLETED, the last iterate, the
+    newest residual norm, the history) without the monitor's array work. When a test fails,
+    the last residual grew past the first, or the last iterate is not finite (the cases where
+    the monitor stops early, marks DIVERGED, notes growth or falls back to the best iterate),
+    the iterations run are replayed into a :class:`Monitor` (host work only, no product) and
+    it closes the solve, so those outcomes are the monitor's own.
+    """
+    xp = prob.xp
+    r0f = float(r0[0])
+    lim = math.inf
+    if prob.divtol is not None:
+        # The monitor's divergence limit, computed as it computes it (in r0's dtype).
+        big = xp.asarray(xp.finfo(r0.dtype).max, dtype=r0.dtype, device=prob.device)
+        lim = float(xp.minimum(prob.divtol * r0, big)[0])
+    hist = [r0f]
+    best_r, best_k, best_of = r0f, 0, None
+    rnorm = r0
+    failed = False
+    k = 0
+    while k < prob.maxiter:
+        x, of, rnorm = step()
+        k += 1
+        r = float(rnorm[0])
+        hist.append(r)
+        fin = math.isfinite(r)
+        if fin and r <= best_r:
+            best_r, best_k, best_of = r, k, of
+        # The monitor's test: finite, and within the divergence limit when there is one.
+        if not (r <= lim if prob.divtol is not None else fin):
+            failed = True
+            break
+    last = hist[-1]
+    grew = math.isfinite(last) and last > r0f and r0f > 0
+    if failed or grew or not _finite(xp, x):
+        mon = Monitor(prob, r0, x0=x0)
+        dtype = r0.dtype
+        for i in range(1, k + 1):
+            ri = xp.asarray([hist[i]], dtype=dtype, device=prob.device)
+            mon.update(ri, None, of=best_of if i == best_k else None, fresh=True)
+        return mon.close(x, rnorm)
+    rows = np.asarray(hist, dtype=np.asarray(_b.to_numpy(r0)).dtype)[:, None]
+    return Outcome(
+        x=x, codes=np.full((1,), COMPLETED, dtype=np.int64), iterations=k,
+        residual_norm=rows[-1], history=list(rows),
+    )
+
+
+def _finite(xp, x) -> bool:
+    """Whether every entry of ``x`` is finite, by the sum where that decides it (one pass)."""
+    if bool(xp.isfinite(xp.sum(x))):
+        return True
+    return bool(xp.all(xp.isfinite(x)))

@@ -1,0 +1,223 @@
+"""Per-iteration cost of ``gmres`` and ``bicgstab`` against scipy, side by side in one run.
+
+    python -m asv_benchmarks.lean_gmres            # from the repository root
+    python -m asv_benchmarks.lean_gmres --quick    # toy sizes: a smoke run in seconds
+
+(or ``from asv_benchmarks.lean_gmres import main; main([...])``). Each row prints the
+workload, our time, the peer's time, the ratio ours / peer and the products of each side.
+
+Workloads (issue 12):
+
+* gmres on the dense ``I - J^T``, ``J = random_contractive(200, 0.9, seed=0)``, restart 30,
+  rtol 1e-8: ours on numpy and on torch (CPU) against ``scipy.sparse.linalg.gmres`` on numpy,
+  plus ours on torch against ours on numpy (target: scipy / ours >= 3 on numpy, torch /
+  numpy <= 1.5);
+* the cost per product around a near-free product (a diagonal of ``n = 16384`` entries
+  spread over [1, 1000], applied by one elementwise multiplication), for gmres (restart 30)
+  and bicgstab, ours (numpy and torch) against scipy, both sides running until the same
+  unreachable tolerance stops them at a budget;
+* the overhead at a ~1 ms product (a product that spins for 1 ms): wall time / (products x
+  product time), target <= 1.05.
+
+BLAS and torch run on one thread; every figure is the smallest of ``--repeats`` runs, and the
+two sides of a ratio are timed in turns so that a burst of load inflates neither alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import scipy.sparse.linalg as spla
+
+import linsolve_rbp as lr
+from linsolve_rbp.problems import random_contractive
+
+__all__ = ["main", "gmres_dense_rows", "per_iteration_rows", "overhead_rows"]
+
+RESTART = 30
+RTOL = 1e-8
+
+
+def _best(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _pair(f, g, repeats):
+    """Smallest times of ``f`` and of ``g``, timed in turns."""
+    tf = tg = float("inf")
+    for _ in range(repeats):
+        tf = min(tf, _best(f, 1))
+        tg = min(tg, _best(g, 1))
+    return tf, tg
+
+
+def _counted(matvec, n, dtype=np.float64):
+    count = [0]
+
+    def mv(v):
+        count[0] += 1
+        return matvec(v)
+
+    return spla.LinearOperator((n, n), matvec=mv, dtype=dtype), count
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def gmres_dense_rows(n=200, repeats=20):
+    """gmres on dense ``I - J^T``: ours (numpy, torch) against scipy."""
+    M = np.eye(n) - random_contractive(n, 0.9, seed=0).T
+    b = np.random.default_rng(0).standard_normal(n)
+    kw = dict(rtol=RTOL, atol=0.0, restart=RESTART)
+
+    def ours_np():
+        return lr.solve(M, b, method="gmres", maxiter=100 * n, **kw)
+
+    def scipy_np():
+        return spla.gmres(M, b, maxiter=100 * n, **kw)
+
+    res = ours_np()
+    op, count = _counted(lambda v: M @ v, n)
+    _, info = spla.gmres(op, b, maxiter=100 * n, **kw)
+    t_ours, t_sp = _pair(ours_np, scipy_np, repeats)
+    where = f"gmres dense I - J^T n={n} restart {RESTART} rtol {RTOL:g}"
+    rows = [(f"{where}, numpy vs scipy", t_ours, t_sp, res.matvecs, count[0],
+             f"{res.status.name} / info={info}")]
+    torch = _torch()
+    if torch is not None:
+        Mt, bt = torch.from_numpy(M), torch.from_numpy(b)
+
+        def ours_t():
+            return lr.solve(Mt, bt, method="gmres", maxiter=100 * n, **kw)
+
+        rt = ours_t()
+        t_t, t_np = _pair(ours_t, ours_np, repeats)
+        rows.append((f"{where}, torch vs scipy", t_t, t_sp, rt.matvecs, count[0], rt.status.name))
+        rows.append((f"{where}, torch vs our numpy", t_t, t_np, rt.matvecs, res.matvecs, rt.status.name))
+    return rows
+
+
+def per_iteration_rows(n=16384, repeats=10, budget=300):
+    """Time per product around a near-free product (a diagonal), ours against scipy."""
+    d = np.linspace(1.0, 1000.0, n)
+    b = np.random.default_rng(0).standard_normal(n)
+    rows = []
+    torch = _torch()
+    backends = [("numpy", d, b)]
+    if torch is not None:
+        backends.append(("torch", torch.from_numpy(d), torch.from_numpy(b)))
+    for method, peer in (("gmres", spla.gmres), ("bicgstab", spla.bicgstab)):
+        if method == "gmres":
+            ours_kw = dict(restart=RESTART, maxiter=budget)
+            peer_kw = dict(restart=RESTART, maxiter=budget // RESTART)
+        else:
+            ours_kw = dict(maxiter=budget // 2)
+            peer_kw = dict(maxiter=budget // 2)
+        op, count = _counted(lambda v: d * v, n)
+
+        def theirs():
+            count[0] = 0
+            return peer(op, b, rtol=1e-15, atol=0.0, **peer_kw)
+
+        theirs()
+        n_sp = count[0]
+        for name, dd, bb in backends:
+            A = lr.LinearOperator((n, n), matvec=lambda v, dd=dd: dd * v, like=bb)
+
+            def ours(A=A, bb=bb):
+                return lr.solve(A, bb, method=method, rtol=1e-15, atol=0.0, **ours_kw)
+
+            res = ours()
+            t_o, t_p = _pair(ours, theirs, repeats)
+            rows.append((f"{method} per product, diagonal n={n}, {name} vs scipy (ms/product)",
+                         t_o / res.matvecs, t_p / n_sp, res.matvecs, n_sp, res.status.name))
+    return rows
+
+
+def overhead_rows(n=64, product_s=1e-3, repeats=3, budget=60):
+    """Wall time / (products x product time) at a product that spins ``product_s``."""
+    Jt = random_contractive(n, 0.9, seed=0).T
+    b = np.random.default_rng(0).standard_normal(n)
+
+    def spin(v):
+        t_end = time.perf_counter() + product_s
+        y = v - v @ Jt.T
+        while time.perf_counter() < t_end:
+            pass
+        return y
+
+    # The time one product takes, as measured (the spin plus the call).
+    t_mv = _best(lambda: spin(b), 20)
+    rows = []
+    A = lr.LinearOperator((n, n), matvec=spin, like=b)
+    for method, kw in (("gmres", dict(restart=RESTART)), ("bicgstab", {})):
+        def run(method=method, kw=kw):
+            return lr.solve(A, b, method=method, rtol=1e-15, atol=0.0, maxiter=budget, **kw)
+
+        res = run()
+        wall = _best(run, repeats)
+        ideal = res.matvecs * t_mv
+        rows.append((f"{method} overhead at a {1e3 * product_s:g} ms product (wall / products x product)",
+                     wall, ideal, res.matvecs, res.matvecs, res.status.name))
+    return rows
+
+
+def _print(rows):
+    print(f"{'workload':<88} {'ours':>10} {'peer':>10} {'ratio':>7}  products (ours / peer)")
+    for what, ours, peer, p_o, p_p, note in rows:
+        print(f"{what:<88} {1e3 * ours:8.3f}ms {1e3 * peer:8.3f}ms {ours / peer:7.3f}  {p_o} / {p_p}  [{note}]",
+              flush=True)
+
+
+def main(argv=None) -> int:
+    """Run the measurements with the command-line arguments ``argv`` (default
+    ``sys.argv[1:]``) and print the table; return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m asv_benchmarks.lean_gmres",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke run in seconds")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per figure (the smallest is kept)")
+    parser.add_argument("--only", choices=("dense", "iteration", "overhead"), action="append",
+                        help="run only these groups (repeatable)")
+    args = parser.parse_args(argv)
+    from threadpoolctl import threadpool_limits
+
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(1)
+    only = set(args.only or ("dense", "iteration", "overhead"))
+    rows = []
+    with threadpool_limits(limits=1):
+        if args.quick:
+            r = args.repeats or 1
+            if "dense" in only:
+                rows += gmres_dense_rows(n=40, repeats=r)
+            if "iteration" in only:
+                rows += per_iteration_rows(n=256, repeats=r, budget=60)
+            if "overhead" in only:
+                rows += overhead_rows(n=16, product_s=1e-4, repeats=r, budget=10)
+        else:
+            if "dense" in only:
+                rows += gmres_dense_rows(repeats=args.repeats or 30)
+            if "iteration" in only:
+                rows += per_iteration_rows(repeats=args.repeats or 10)
+            if "overhead" in only:
+                rows += overhead_rows(repeats=args.repeats or 3)
+    _print(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The lean iteration paths of cg, cgne, minres and lsqr and of the Monitor (issue 12):
+the single-system host path, the batched path, the functional path on immutable arrays
+and the device path give the same statuses, iteration counts and solutions; the monitor's
+host-float update is the array update; no per-iteration host synchronisation with
+``check_every=k``. Behaviour only, no timings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import linsolve_rbp as lr
+from linsolve_rbp.solvers import _base
+from linsolve_rbp.solvers._base import Monitor, Problem
+
+from registry import optional
+
+torch = optional("torch")
+xs = optional("array_api_strict")
+
+METHODS = ("cg", "cgne", "minres", "lsqr")
+
+
+def _spd(n=40, seed=0, spread=0.9):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = Q @ np.diag(np.linspace(1 - spread, 1 + spread, n)) @ Q.T
+    return A, rng.standard_normal(n)
+
+
+def _close(r1, r2, rtol=1e-8):
+    """Same status and products to within one iteration, x to rounding: the paths round
+    differently (BLAS inner products and axpy against array expressions), which can move a
+    stop that falls on the tolerance by one iteration, never more."""
+    assert r1.status == r2.status
+    assert abs(r1.iterations - r2.iterations) <= 1
+    assert abs((r1.matvecs + r1.rmatvecs) - (r2.matvecs + r2.rmatvecs)) <= 2
+    x1, x2 = np.asarray(r1.x, dtype=float), np.asarray(r2.x, dtype=float)
+    assert np.allclose(x1, x2, rtol=rtol, atol=rtol * np.abs(x1).max())
+
+
+def _hist(res, row=0):
+    return np.asarray([float(np.asarray(h).reshape(-1)[row]) for h in res.residual_history])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_single_system_matches_generic_path(monkeypatch, method, check_every):
+    """The host single-system path (no masks, host scalars, BLAS updates) and the generic
+    array path (forced by declaring numpy not a host namespace) agree."""
+    A, b = _spd()
+    kw = dict(method=method, rtol=1e-10, check_every=check_every)
+    lean = lr.solve(A, b, **kw)
+    import linsolve_rbp.solvers.cg as C
+
+    monkeypatch.setattr(_base, "is_host", lambda xp: False)
+    monkeypatch.setattr(C, "is_host", lambda xp: False)
+    generic = lr.solve(A, b, **kw)
+    assert lean.converged
+    _close(lean, generic)
+    # The histories agree until rounding differences grow (late in the normal-equation
+    # methods, whose recurrences amplify them as kappa^2): compare the first half.
+    n = min(len(_hist(lean)), len(_hist(generic))) // 2
+    assert np.allclose(_hist(lean)[:n], _hist(generic)[:n], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_single_system_matches_batched(method):
+    """One system alone (host path) and the same system in a batch of two (masks) reach
+    the same x; the batch may run on to the next check."""
+    A, b = _spd()
+    one = lr.solve(A, b, method=method, rtol=1e-10)
+    two = lr.solve(A, np.stack([b, b]), batch_dims=1, method=method, rtol=1e-10)
+    assert one.converged and np.all(two.converged)
+    assert abs(one.iterations - two.iterations) <= 1
+    for row in (0, 1):
+        assert np.allclose(one.x, two.x[row], rtol=1e-9, atol=1e-11)
+    n = min(len(_hist(one)), len(_hist(two))) // 2
+    assert np.allclose(_hist(one)[:n], _hist(two)[:n], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fixed_budget_single_matches_batched(method):
+    A, b = _spd(seed=1)
+    one = lr.solve(A, b, method=method, rtol=None, atol=None, maxiter=7)
+    two = lr.solve(A, np.stack([b, 2 * b]), method=method, rtol=None, atol=None, maxiter=7, batch_dims=1)
+    assert one.status.name == "COMPLETED" and one.iterations == 7
+    assert np.allclose(one.x, two.x[0], rtol=1e-10, atol=1e-13)
+    assert np.allclose(2 * one.x, two.x[1], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.skipif(xs is None, reason="needs array_api_strict")
+@pytest.mark.parametrize("method", METHODS)
+def test_host_path_matches_generic_namespace(method):
+    """numpy (host path) and array_api_strict (generic array path) agree."""
+    A, b = _spd(seed=2)
+    r_np = lr.solve(A, b, method=method, rtol=1e-10)
+    r_xs = lr.solve(xs.asarray(A), xs.asarray(b), method=method, rtol=1e-10)
+    _close(r_np, r_xs)
+
+
+@pytest.fixture
+def immutable_strict(monkeypatch):
+    """array_api_strict arrays made immutable as JAX's are: no item assignment, and
+    augmented assignment rebinds (``x += y`` is ``x = x + y``)."""
+    if xs is None:
+        pytest.skip("needs array_api_strict")
+    Array = type(xs.asarray([1.0]))
+
+    def refuse(self, key, value):
+        raise TypeError("immutable arrays do not support in-place item assignment")
+
+    monkeypatch.setattr(Array, "__setitem__", refuse)
+    for name in ("__iadd__", "__isub__", "__imul__", "__itruediv__"):
+        if name in Array.__dict__:
+            monkeypatch.delattr(Array, name)
+    return xs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_functional_path_on_immutable_arrays(immutable_strict, method):
+    A, b = _spd(seed=3)
+    x = immutable_strict.asarray(np.zeros(3))
+    with pytest.raises(TypeError):
+        x[0] = 1.0
+    y = x
+    y += 1.0
+    assert float(x[0]) == 0.0  # rebinding, not mutation
+    r_im = lr.solve(immutable_strict.asarray(A), immutable_strict.asarray(b), method=method, rtol=1e-10)
+    r_np = lr.solve(A, b, method=method, rtol=1e-10)
+    assert r_im.converged
+    _close(r_np, r_im)
+    # batched too
+    B = np.stack([b, -b])
+    r_b = lr.solve(immutable_strict.asarray(A), immutable_strict.asarray(B), method=method, rtol=1e-10, batch_dims=1)
+    assert np.all(np.asarray(r_b.converged))
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_matches_numpy(method):
+    A, b = _spd(seed=4)
+    r_np = lr.solve(A, b, method=method, rtol=1e-10)
+    for ce in (1, 4):
+        r_t = lr.solve(torch.from_numpy(A), torch.from_numpy(b), method=method, rtol=1e-10, check_every=ce)
+        assert r_t.converged
+        assert np.allclose(r_t.x.numpy(), r_np.x, rtol=1e-9, atol=1e-11)
+        if ce == 1:
+            _close(r_np, r_t)
+
+
+class _SyncCounter:
+    """Counts the ways a torch tensor reaches the host (``bool``, ``float``, ``int``,
+    ``item``, ``tolist``, ``numpy``): on a CPU this is the synchronisation count that
+    ``torch.cuda.set_sync_debug_mode`` reports on a GPU."""
+
+    NAMES = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def wrap(self_, *a, _orig=orig, **k):
+                self.n += 1
+                return _orig(self_, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrap)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batched", [False, True])
+def test_no_per_iteration_sync_with_check_every(monkeypatch, method, batched):
+    """With ``check_every=k`` the loop reads the device only every k iterations (plus a
+    bounded number of reads to set up and to finish)."""
+    A, b = _spd(n=60, seed=5, spread=0.99)
+    At, bt = torch.from_numpy(A), torch.from_numpy(b)
+    if batched:
+        bt = torch.stack([bt, 0.5 * bt])
+    kw = dict(method=method, rtol=1e-12, maxiter=200, batch_dims=int(batched))
+    lr.solve(At, bt, check_every=10, **kw)  # warm (first-product checks, caches)
+    counts = {}
+    for k in (10, 50):
+        c = _SyncCounter(monkeypatch)
+        res = lr.solve(At, bt, check_every=k, **kw)
+        counts[k] = (c.n, res.iterations)
+        monkeypatch.undo()
+    (n10, it10), (n50, _) = counts[10], counts[50]
+    assert it10 >= 30, "the problem must take enough iterations for the count to mean something"
+    # A read per iteration would give at least it10 reads.
+    assert n10 < it10 // 2
+    assert n50 <= n10
+
+
+def _prob(xp_b, *, rtol=1e-3, divtol=1e5, check_every=1, fixed=False):
+    xp = _base._b.array_namespace(xp_b)
+    B = xp_b if xp_b.ndim == 2 else xp_b[None, :]
+    return Problem(
+        xp=xp, A=None, mv=lambda v: v, rmv=None, psolve=None, b=B, x0=None,
+        rtol=None if fixed else rtol, atol=None if fixed else 0.0, maxiter=100, callback=None,
+        check_every=check_every, divtol=divtol, batched=False, options={},
+        dtype=B.dtype, real_dtype=B.dtype, device=None,
+    )
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("divtol", [1e5, None])
+def test_monitor_host_update_is_the_array_update(fixed, divtol):
+    """The monitor's host-float update of a single system and its array update agree on
+    every test: convergence, divergence, NaN, best iterate, history, codes, callback."""
+    b = np.ones((1, 3))
+    seqs = [
+        [0.5, 0.7, 0.2, 0.1, 1e-4, 1e-5],          # converges (rtol 1e-3 of ||b|| = 1.73)
+        [0.5, 2.0, 1e3, 1e6, 1e9],                  # grows past divtol
+        [0.5, float("nan"), 0.1],                   # NaN
+        [0.5, float("inf")],
+        [0.9, 0.8, 0.85, 0.3],
+    ]
+    for seq in seqs:
+        mons = []
+        for host in (True, False):
+            prob = _prob(b, divtol=divtol, fixed=fixed)
+            seen = []
+            prob = dataclasses.replace(prob, callback=lambda k, x, r, seen=seen: seen.append((k, float(r))))
+            mon = Monitor(prob, np.array([1.0]), x0=np.zeros((1, 3)))
+            mon.host_single = host
+            for i, v in enumerate(seq):
+                x = np.full((1, 3), float(i))
+                stop = mon.update(np.array([v]), x, fresh=bool(i % 2))
+                if stop:
+                    break
+            mons.append((mon, seen, stop))
+        (m1, s1, st1), (m2, s2, st2) = mons
+        assert st1 == st2 and m1.k == m2.k
+        assert np.array_equal(m1.codes, m2.codes)
+        assert np.array_equal(m1.active, m2.active)
+        assert np.array_equal(m1.best_r, m2.best_r, equal_nan=True)
+        assert np.array_equal(m1.best_x, m2.best_x)
+        assert np.array_equal(np.array(m1.history), np.array(m2.history), equal_nan=True)
+        assert s1 == s2 or (np.allclose(np.array(s1), np.array(s2), equal_nan=True))
+        o1, o2 = m1.finish(np.full((1, 3), 9.0)), m2.finish(np.full((1, 3), 9.0))
+        assert np.array_equal(o1.codes, o2.codes) and np.array_equal(o1.x, o2.x)
+
+
+def test_monitor_fresh_keeps_a_reference_and_default_copies():
+    b = np.ones((1, 3))
+    for host in (True, False):
+        mon = Monitor(_prob(b), np.array([1.0]), x0=None)
+        mon.host_single = host
+        x = np.full((1, 3), 2.0)
+        mon.update(np.array([0.5]), x, fresh=True)
+        assert mon.best_x is x
+        y = np.full((1, 3), 3.0)
+        mon.update(np.array([0.25]), y)
+        assert mon.best_x is not y and np.array_equal(mon.best_x, y)
+        y[...] = 7.0  # the solver writes into its iterate: the copy is unaffected
+        assert np.all(mon.best_x == 3.0)
+
+
+def test_threshold_change_is_seen_by_the_host_update():
+    """tighten() between rounds changes the threshold the host update tests against."""
+    b = np.ones((1, 3))
+    mon = Monitor(_prob(b, rtol=0.1), np.array([1.0]), x0=np.zeros((1, 3)))
+    assert mon.host_single
+    assert not mon.update(np.array([0.5]), np.zeros((1, 3)))
+    mon.threshold = np.array([1e-6])
+    assert not mon.update(np.array([0.1]), np.zeros((1, 3)))  # would have met 0.173
+    assert bool(mon.active[0])
+    assert mon.update(np.array([1e-7]), np.zeros((1, 3)))
+
+
+def test_lean_benchmark_runs_at_toy_size(capsys):
+    """asv_benchmarks/lean.py (the committed benchmark of these paths) runs end to end."""
+    lean = pytest.importorskip("asv_benchmarks.lean")
+    rows = lean.cg_poisson(8, repeat=1)
+    rows += lean.overhead(methods=lean.OWN_METHODS, n=16, product_s=1e-5, repeat=1)
+    assert len(rows) >= 1 + len(lean.OWN_METHODS)
+    for name, ours, peer, p_ours, p_peer in rows:
+        assert ours > 0 and peer > 0 and p_ours > 0 and p_peer > 0
+    lean._print(rows)
+    assert "overhead 1ms cg" in capsys.readouterr().out
