@@ -15,7 +15,7 @@ from ._validate import COMMON_OPTIONS, check_common, did_you_mean, unknown_optio
 from .operators import LinearOperator, OperatorMismatchError, aslinearoperator
 from .solvers._base import Problem, Solver, run_scaled
 
-__all__ = ["solve", "methods", "get_method", "register_method", "check_options", "SolveOptions"]
+__all__ = ["solve", "methods", "get_method", "register_method", "check_options", "SolveOptions", "PreparedSolve"]
 
 from ._warnings import warn_failure as _warn_failure
 
@@ -589,6 +589,65 @@ def solve(
         method = _resolve_auto(A)
     solver = get_method(method)
     method_options = solver.check_options({k: v[k] for k in options})
+    return _solve_checked(A, b, method, solver, v, method_options, stacklevel=3)
+
+
+class PreparedSolve:
+    """A solve whose method and options were validated once (by :func:`check_options`), for
+    callers that solve many systems with the same options: the torch adapter validates a
+    layer's ``backward`` options when the layer is called and solves in ``backward()``.
+
+    ``prepared(A, b, x0=None)`` is ``solve(A, b, method, x0=x0, **options)``: the same checks
+    of ``A``, ``b`` and ``x0``, the same result, warnings and errors, without validating the
+    options again.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from linsolve_rbp.solve import PreparedSolve
+    >>> run = PreparedSolve("neumann", {"rtol": None, "atol": None, "maxiter": 3})
+    >>> run(np.eye(2) * 0.5, np.ones(2)).status.name
+    'COMPLETED'
+    """
+
+    __slots__ = ("method", "options", "_v", "_solver", "_method_options")
+
+    def __init__(self, method: str, options: dict):
+        v = check_options(method, options)
+        self.method = method
+        self.options = MappingProxyType(dict(v))
+        # Every common option, defaults filled in (solve()'s signature defaults).
+        full = dict(COMMON_OPTIONS)
+        full.update({k: v[k] for k in v if k in COMMON_OPTIONS})
+        self._v = full
+        own = {k: v[k] for k in v if k not in COMMON_OPTIONS}
+        if method == "auto":
+            self._solver = None
+            self._method_options = own
+        else:
+            self._solver = get_method(method)
+            self._method_options = self._solver.check_options(own)
+
+    def __call__(self, A, b, x0=None):
+        v = self._v
+        if x0 is not None or v["x0"] is not None:
+            v = dict(v, x0=x0)
+        A = _as_operator(A, "A")
+        solver, method_options, method = self._solver, self._method_options, self.method
+        if solver is None:
+            method = _resolve_auto(A)
+            solver = get_method(method)
+            method_options = solver.check_options(
+                {k: val for k, val in method_options.items() if k in solver.options}
+            )
+        return _solve_checked(A, b, method, solver, v, method_options, stacklevel=3)
+
+
+def _solve_checked(A, b, method, solver, v, method_options, stacklevel):
+    """The rest of :func:`solve` once the options are valid: check ``b``, ``x0`` and ``M``
+    against ``A``, refuse what the method cannot serve, run, apply the failure policy.
+    ``stacklevel`` 1 is the line calling this function (warnings point at the user's call)."""
+    x0, M = v["x0"], v["M"]
     batch_dims = v["batch_dims"]
     m, n = A.shape
     A.check_vector(b, "b", m, batch_dims=batch_dims)
@@ -613,12 +672,12 @@ def solve(
     batched = batch_dims == 1
     if m == 0 or n == 0 or (batched and b.shape[0] == 0):
         result = _empty_result(opts, A, b, x_shape)
-        _apply_policy(result, policy, stacklevel=2)  # 2: the line that called solve()
+        _apply_policy(result, policy, stacklevel=stacklevel)
         return result
-    return _run(opts, solver, A, b, xp)
+    return _run(opts, solver, A, b, xp, stacklevel + 1)
 
 
-def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp) -> SolveResult:
+def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp, stacklevel: int = 3) -> SolveResult:
     batched = opts.batch_dims == 1
     # Half precision: iterate in float32 (inner products, norms and the small dense algebra
     # of float16 lose the solve); the products still run in the operator's own dtype.
@@ -663,7 +722,7 @@ def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp) -> SolveR
         out.x = xp.astype(out.x, b.dtype)
         _recheck_rounded(out, prob, b.dtype)
     result = _to_result(out, prob, opts.method, A.matvec_count - mv0, A.rmatvec_count - rmv0)
-    _apply_policy(result, opts.on_failure, stacklevel=3)  # 3: the line that called solve()
+    _apply_policy(result, opts.on_failure, stacklevel=stacklevel)  # the line that called solve()
     return result
 
 
@@ -698,12 +757,26 @@ def _host(a):
     return np.asarray(_b.to_numpy(a))
 
 
+def _history(hist, nsys: int) -> np.ndarray:
+    """The residual history ``(iterations + 1, nsys)`` as floats on the host. A list of device
+    arrays of one kind, shape and dtype is stacked first and copied once (one transfer, not
+    one per iteration)."""
+    if not hist:
+        return np.zeros((0, nsys))
+    first = hist[0]
+    if not isinstance(first, np.ndarray) and _b.is_array(first):
+        kind, shape, dtype = type(first), first.shape, first.dtype
+        if all(type(h) is kind and h.shape == shape and h.dtype == dtype for h in hist):
+            return _host(_b.array_namespace(first).stack(hist)).astype(float)
+    return np.stack([_host(h).astype(float) for h in hist])
+
+
 def _to_result(out, prob: Problem, method: str, matvecs: int, rmatvecs: int) -> SolveResult:
     codes = _host(out.codes).astype(int)
     statuses = tuple(Status.from_code(c) for c in codes)
     worst = Status.from_code(int(codes.max()))
     rnorm = _host(out.residual_norm).astype(float)
-    history = np.stack([_host(h).astype(float) for h in out.history]) if out.history else np.zeros((0, len(codes)))
+    history = _history(out.history, len(codes))
     converged = codes == Status.CONVERGED.code
     ok_ls = getattr(out, "accept_least_squares", False)
     success = bool(all(s.success or (ok_ls and s is Status.LEAST_SQUARES) for s in statuses))

@@ -6,8 +6,11 @@ Gradients are checked against an independent route: the dense formula
 et al., 2018), and ``torch.autograd.gradcheck``.
 """
 
+import importlib
 import importlib.util
 import warnings
+
+import numpy as np
 
 import pytest
 
@@ -1145,3 +1148,122 @@ def test_cuda_fixed_point_and_jacobian(dtype):
     for p, w in zip(params, want):
         assert p.grad.device.type == "cuda"
         assert _rel(p.grad.cpu().double(), w) < (1e-3 if dtype == torch.float32 else 1e-9)
+
+
+# -- the lean fixed-budget path (issue 12) ----------------------------------------------------
+def _budget_system(kind, n=12, dtype=F64):
+
+    """An ``I - J^T`` whose Neumann / fixed-point iteration contracts, diverges, grows at the
+    end, or meets NaN, as a torch operator, and a right-hand side."""
+    g = torch.Generator().manual_seed(3)
+    J = torch.randn(n, n, generator=g, dtype=dtype)
+    J = J / torch.linalg.matrix_norm(J, 2)
+    scale = {"contracting": 0.6, "diverging": 3.0, "growing": 1.05, "nan": 0.6}[kind]
+    J = scale * J
+    b = torch.randn(n, generator=g, dtype=dtype) * 3.0  # a power-of-two scaling applies
+    calls = [0]
+
+    def mv(x):
+        calls[0] += 1
+        y = x - x @ J
+        if kind == "nan" and calls[0] == 4:
+            y = y * float("nan")
+        return y
+
+    return lr.LinearOperator((n, n), matvec=mv, like=b), b, calls
+
+
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+@pytest.mark.parametrize("kind", ["contracting", "diverging", "growing", "nan"])
+@pytest.mark.parametrize("divtol", [1e5, 2.0, None])
+@pytest.mark.parametrize("warm", [False, True])
+def test_lean_fixed_budget_equals_monitor_path(method, kind, divtol, warm):
+    """A fixed budget of one system without a callback runs the lean loop (host floats, no
+    masks, no monitor unless a test fails); with a callback it runs the monitor's loop. Both
+    give the very same result: status, iterations, x bit for bit, residuals, history, message
+    and product counts, also where the monitor stops early, marks DIVERGED or falls back to
+    its best iterate (the lean loop then replays into a monitor)."""
+    results = []
+    for callback in (None, lambda k, x, r: None):
+        A, b, calls = _budget_system(kind)
+        x0 = 0.1 * torch.ones_like(b) if warm else None
+        res = lr.solve(A, b, method=method, x0=x0, rtol=None, atol=None, maxiter=12,
+                       divtol=divtol, callback=callback)
+        results.append((res, calls[0]))
+    (lean, n_lean), (mon, n_mon) = results
+    assert (lean.status, lean.iterations, lean.matvecs, n_lean) == (mon.status, mon.iterations, mon.matvecs, n_mon)
+    assert torch.equal(lean.x, mon.x)
+    assert np.array_equal(lean.residual_norm, mon.residual_norm, equal_nan=True)
+    assert np.array_equal(lean.residual_history, mon.residual_history, equal_nan=True)
+    assert lean.message == mon.message
+    assert lean.success == mon.success and lean.converged == mon.converged
+    assert torch.isfinite(lean.x).all()
+
+
+def test_lean_fixed_budget_reaches_the_monitor_path_only_on_failure(monkeypatch):
+    """In the DEQ backward (neumann, fixed budget) no Monitor is built when nothing fails."""
+    from linsolve_rbp.solvers import neumann as nm
+
+    built = []
+    real = nm.Monitor
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(nm, "Monitor", Spy)
+    m = TanhRNN(n=8, d=3)
+    f = m.f
+    h0 = torch.zeros(8, dtype=F64)
+    h, info = lrt.fixed_point(f, h0, forward_maxiter=100, backward={"method": "neumann", "rtol": None,
+                              "atol": None, "maxiter": 10}, return_info=True)
+    h.sum().backward()
+    assert info.backward.status is lr.Status.COMPLETED and info.backward.iterations == 10
+    assert info.backward.matvecs == 10 and not built
+    A, b, _ = _budget_system("diverging")
+    lr.solve(A, b, method="neumann", rtol=None, atol=None, maxiter=12)
+    assert built  # the diverging series is closed by a monitor
+
+
+def test_fixed_point_backward_validates_options_once(monkeypatch):
+    """The backward pass of fixed_point solves with the options checked when the layer was
+    called (a PreparedSolve): check_options runs at the call, not again in backward()."""
+    lsolve = importlib.import_module("linsolve_rbp.solve")
+
+    m = TanhRNN(n=8, d=3)
+    h = lrt.fixed_point(m.f, torch.zeros(8, dtype=F64), backward={"method": "neumann", "rtol": None,
+                        "atol": None, "maxiter": 10})
+    calls = []
+    real = lsolve.check_options
+    monkeypatch.setattr(lsolve, "check_options", lambda *a, **k: calls.append(a) or real(*a, **k))
+    h.sum().backward()
+    assert not calls
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.params)
+
+
+def test_all_finite_matches_isfinite():
+    from linsolve_rbp.adapters.torch._checks import all_finite
+
+    t = torch.randn(64, 64)
+    assert all_finite(t)
+    t[1, 2] = 3e38
+    t[1, 3] = 3e38  # the sum overflows, the entries are finite
+    assert all_finite(t)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[5, 5] = bad
+        assert not all_finite(u)
+    assert all_finite(torch.zeros(0))
+    assert not all_finite(torch.tensor([1.0, float("inf")], dtype=torch.bfloat16))
+
+
+def test_lean_deq_benchmark_runs(capsys):
+    """asv_benchmarks.lean_deq is importable and its --quick run prints both tables."""
+    pytest.importorskip("asv_benchmarks.lean_deq")
+    from asv_benchmarks.lean_deq import main
+
+    assert main(["--quick", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Neumann-RBP" in out and "BPTT" in out and "gmres vs fixed_point" in out
+    assert "hand-written torch.autograd.grad loop" in out

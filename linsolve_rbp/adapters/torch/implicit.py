@@ -15,6 +15,7 @@ from ..._warnings import warn_failure
 from ...operators import IdentityOperator
 from ...solve import solve as _solve
 from ._checks import (
+    all_finite,
     apply_policy,
     as_params,
     check_adjoint_request,
@@ -158,7 +159,7 @@ def implicit_grad(
 
 
 def _finite_grads(grads, result, on_failure, context):
-    bad = [i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all())]
+    bad = [i for i, g in enumerate(grads) if not all_finite(g)]
     if not bad:
         return grads
     msg = (

@@ -25,8 +25,8 @@ from ..._result import SolveResult, Status
 from ..._validate import ArgumentTypeError, boolean, nonnegative_real, positive_int
 from ..._warnings import warn_failure
 from ...operators import IdentityOperator
-from ...solve import solve as _solve
 from ._checks import (
+    all_finite,
     apply_policy,
     autocast,
     autocast_state,
@@ -36,7 +36,7 @@ from ._checks import (
     check_f_output,
     check_jvp,
     check_policy,
-    check_solve_options,
+    prepare_solve,
     check_state,
     flat,
     nonfinite_error,
@@ -282,7 +282,7 @@ class _FiniteGradGuard:
             handle = self.handles.pop(index, None)
             if handle is not None:
                 handle.remove()
-            if grad is None or bool(torch.isfinite(grad).all()):
+            if grad is None or all_finite(grad):
                 return None
             if self.on_failure == "raise":
                 self._remove()
@@ -319,13 +319,13 @@ class _AdjointHook:
     ``(I - J^T) z = g``; autograd then carries ``z`` through the graph of ``f`` to everything
     ``f`` closes over."""
 
-    def __init__(self, f, h_star, method, jvp, options, on_failure, warm, batch_dims, info,
+    def __init__(self, f, h_star, prepared, jvp, on_failure, warm, batch_dims, info,
                  location=None, autocast_region=None):
         self.f = f
         self.h_star = h_star
-        self.method = method
+        # The adjoint solve, its options validated once when fixed_point was called.
+        self.prepared = prepared
         self.jvp = jvp
-        self.options = options
         self.on_failure = on_failure
         self.warm = warm
         self.batch_dims = batch_dims
@@ -336,13 +336,16 @@ class _AdjointHook:
     def __call__(self, g):
         if g is None:  # an undefined gradient (no loss depends on the output) stays undefined
             return None
-        b = flat(g.detach(), self.batch_dims).to(self.h_star.dtype)
+        b = flat(g.detach(), self.batch_dims)
+        if b.dtype != self.h_star.dtype:
+            b = b.to(self.h_star.dtype)
         with autocast(self.autocast_region):
-            J = JacobianOperator(self.f, self.h_star, jvp=self.jvp, batch_dims=self.batch_dims)
+            # f, h* and the options were checked when fixed_point was called.
+            J = JacobianOperator._checked(self.f, self.h_star, self.jvp, self.batch_dims)
         A = IdentityOperator(J.shape[0], like=b) - J.T
         x0 = self.warm.get(b) if self.warm is not None else None
         try:
-            result = _solve(A, b, method=self.method, x0=x0, batch_dims=self.batch_dims, **self.options)
+            result = self.prepared(A, b, x0)
             leaves = _graph_leaves(J.output, J._h) if J.output.requires_grad else []
         finally:
             J.release()
@@ -487,8 +490,8 @@ def fixed_point(
     method = options.pop("method", "gmres")
     jvp = check_jvp(options.pop("jvp", "auto"), "backward['jvp']")
     # Validate the backward options now rather than in the middle of loss.backward().
-    options = check_solve_options(method, options, "backward")
-    check_adjoint_request(method, options, h0, batch_dims, "backward")
+    prepared = prepare_solve(method, dict(options, batch_dims=batch_dims), "backward")
+    check_adjoint_request(method, prepared.options, h0, batch_dims, "backward")
 
     # Warnings of the backward pass, issued from inside autograd, point at this call.
     site = call_site(1)
@@ -500,7 +503,7 @@ def fixed_point(
         out = check_f_output(f(h_star), h_star)
         if out.requires_grad:
             out.register_hook(
-                _AdjointHook(f, h_star, method, jvp, options, on_failure, warm, batch_dims, info,
+                _AdjointHook(f, h_star, prepared, jvp, on_failure, warm, batch_dims, info,
                              location=site, autocast_region=autocast_state(h_star.device))
             )
         if h0.requires_grad:
