@@ -8,6 +8,11 @@ skip), ``time_*`` only solves, ``peakmem_*`` records the peak resident memory of
 
 from __future__ import annotations
 
+import abc
+import dataclasses
+import math
+import os
+
 import numpy as np
 
 import linsolve_rbp as lr
@@ -25,8 +30,29 @@ RTOL = 1e-6
 #: Iteration cap, so that a method that stalls on a problem costs a bounded time.
 MAXITER = 2000
 
+#: Set ``LINSOLVE_RBP_BENCH_FULL=1`` to benchmark the full grid (sizes up to n = 4000, every
+#: batch size); the default grid is small so that ``asv run --quick`` of the whole suite
+#: finishes in minutes on a 2-core machine.
+FULL = os.environ.get("LINSOLVE_RBP_BENCH_FULL", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def grid(small: list, full: list) -> list:
+    """``full`` when :data:`FULL` is set, ``small`` otherwise."""
+    return list(full) if FULL else list(small)
+
+
 #: ``numpy``, torch on the CPU, torch on a CUDA device (skipped without one).
 BACKENDS = ["numpy", "torch-cpu", "torch-cuda"]
+
+
+def poisson2d(m: int):
+    """The 2-D Poisson matrix ``kron(I, T) + kron(T, I)``, ``T = tridiag(-1, 2, -1)`` of size
+    ``m``, as a scipy CSR matrix (n = m^2)."""
+    import scipy.sparse as sp
+
+    T = sp.diags([-np.ones(m - 1), 2 * np.ones(m), -np.ones(m - 1)], [-1, 0, 1])
+    I = sp.identity(m)
+    return (sp.kron(I, T) + sp.kron(T, I)).tocsr()
 
 
 def all_methods() -> list[str]:
@@ -80,24 +106,31 @@ def check_applies(name: str, A, b, *, symmetric: bool, contractive: bool, **kwar
     if name in ("neumann", "fixed_point") and not contractive:
         raise NotImplementedError(f"{name} diverges: the spectral radius of I - A exceeds 1")
     try:
-        lr.solve(A, b, method=name, rtol=RTOL, maxiter=1, **kwargs)
+        lr.solve(A, b, method=name, **{"rtol": RTOL, **kwargs, "maxiter": 1})
     except (TypeError, ValueError, NotImplementedError) as exc:
         raise NotImplementedError(f"{name} does not apply: {exc}") from exc
 
 
 def run_solve(name: str, A, b, **kwargs):
-    """One timed solve, the device synchronised at the end."""
-    res = lr.solve(A, b, method=name, rtol=RTOL, maxiter=MAXITER, **kwargs)
+    """One timed solve, the device synchronised at the end (``kwargs`` may override ``rtol``
+    and ``maxiter``)."""
+    kwargs = {"rtol": RTOL, "maxiter": MAXITER, **kwargs}
+    res = lr.solve(A, b, method=name, **kwargs)
     _b.synchronize(res.x)
     return res
 
 
-class SolveBenchmark:
+class SolveBenchmark(abc.ABC):
     """Base of the solve benchmarks: subclasses' ``setup`` sets ``self.A``, ``self.b``,
-    ``self.method``, ``self.backend`` and ``self.kwargs`` (e.g. ``batch_dims``)."""
+    ``self.method``, ``self.backend`` and ``self.kwargs`` (e.g. ``batch_dims``). Abstract, so
+    that asv, which finds it in every module that imports it, does not run it on its own."""
 
     timeout = 600
     kwargs: dict = {}
+
+    @abc.abstractmethod
+    def setup(self, *params):
+        """Build the problem of ``params``; raise ``NotImplementedError`` to skip it."""
 
     def _solve(self):
         return run_solve(self.method, self.A, self.b, **self.kwargs)
@@ -123,3 +156,52 @@ class SolveBenchmark:
         return float(np.mean(np.asarray(self._solve().converged, dtype=float)))
 
     track_converged_fraction.unit = "fraction of systems"
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of a side-by-side comparison (``asv_benchmarks/peers.py`` and the ``lean*``
+    scripts): a workload, this package's time, a peer and its time in the same run, the
+    products each side took and a free-form note (gradient error, status, ...). Times are in
+    milliseconds (min of repeats); ``peer``/``peer_ms`` may be ``None`` (no peer installed) and
+    ``products`` an int, a string such as ``"306 / 306"`` or ``None``."""
+
+    workload: str
+    ours_ms: float | None
+    peer: str | None = None
+    peer_ms: float | None = None
+    products: object = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """``ours_ms / peer_ms`` (below 1: this package is faster)."""
+        if self.ours_ms is None or not self.peer_ms:
+            return None
+        return self.ours_ms / self.peer_ms
+
+
+def _fmt_ms(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3g}" if v < 10 else f"{v:.1f}"
+
+
+def format_rows(rows, *, title: str | None = None) -> str:
+    """A markdown table of :class:`Row` objects: workload, ours (ms), peer, peer (ms),
+    ours / peer, products, note."""
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| workload | ours (ms) | peer | peer (ms) | ours / peer | products | note |")
+    lines.append("| --- | ---: | --- | ---: | ---: | --- | --- |")
+    for r in rows:
+        ratio = r.ratio
+        lines.append(
+            "| " + " | ".join([
+                str(r.workload), _fmt_ms(r.ours_ms), r.peer or "-", _fmt_ms(r.peer_ms),
+                "-" if ratio is None else f"{ratio:.2f}",
+                "-" if r.products is None else str(r.products), str(r.note or ""),
+            ]) + " |"
+        )
+    return "\n".join(lines) + "\n"

@@ -18,6 +18,11 @@ import linsolve_rbp as lr
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["asv_benchmarks.common", "asv_benchmarks.bench_solvers", "asv_benchmarks.bench_rbp",
            "asv_benchmarks.peers"]
+#: Parameter combinations of the whole default grid (every asv class, skipped ones included):
+#: what ``asv run --quick`` runs each benchmark of a class over. The grid of 15 methods x 3
+#: sizes up to n = 4000 x 3 backends took more than 8 minutes for one class; the default grid
+#: stays under this bound and the full grid (``LINSOLVE_RBP_BENCH_FULL=1``) adds the sizes.
+MAX_DEFAULT_COMBINATIONS = 240
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,14 +37,100 @@ def test_benchmark_modules_import(name):
     importlib.import_module(name)
 
 
-def test_asv_config_points_at_the_benchmarks():
+def _asv_conf():
     # asv accepts // comments in its configuration; strip them to read it as JSON.
     text = "\n".join(line for line in (ROOT / "asv.conf.json").read_text().splitlines()
                      if not line.lstrip().startswith("//"))
-    conf = json.loads(text)
+    return json.loads(text)
+
+
+def test_asv_config_points_at_the_benchmarks():
+    conf = _asv_conf()
     assert conf["benchmark_dir"] == "asv_benchmarks"
     assert (ROOT / conf["benchmark_dir"] / "__init__.py").exists()
     assert "constraints.txt" in " ".join(conf["install_command"])
+
+
+def test_asv_install_uses_the_configured_index():
+    # No index named: pip's own configuration (pip.conf, PIP_INDEX_URL, ...) decides, so that
+    # the command works on a machine that reaches only its own mirror.
+    conf = _asv_conf()
+    commands = " ".join(conf["install_command"] + conf["build_command"] + conf.get("uninstall_command", []))
+    for flag in ("--index-url", "--extra-index-url", "-i ", "--find-links", "http://", "https://"):
+        assert flag not in commands, flag
+    assert "-c {build_dir}/constraints.txt" in commands
+
+
+def _combinations(module):
+    """``{class name: number of parameter combinations}`` of the asv classes of ``module``."""
+    import math
+
+    counts = {}
+    for name, cls in vars(module).items():
+        if not isinstance(cls, type) or cls.__module__ != module.__name__:
+            continue
+        if not any(k.startswith(("time_", "peakmem_", "track_", "mem_")) for k in dir(cls)):
+            continue
+        params = getattr(cls, "params", [])
+        counts[name] = math.prod(len(p) for p in params) if params else 1
+    return counts
+
+
+def test_default_grid_is_small():
+    from asv_benchmarks import bench_rbp, bench_solvers, common
+
+    assert not common.FULL, "LINSOLVE_RBP_BENCH_FULL is set in the test environment"
+    counts = {**_combinations(bench_solvers), **_combinations(bench_rbp)}
+    assert {"DenseNonsymmetric", "Batched", "Poisson", "DenseGmres", "MillisecondProduct",
+            "DEQBackward", "HyperoptMetaGradient"} <= set(counts)
+    assert sum(counts.values()) <= MAX_DEFAULT_COMBINATIONS, counts
+    # One size each for the dense and batched classes, the small Poisson grid, T = 100 only.
+    assert bench_solvers.DenseNonsymmetric.params[1] == [200]
+    assert bench_solvers.Batched.params[1] == [64]
+    assert bench_solvers.Poisson.params[1] == [100]
+    assert bench_rbp.HyperoptMetaGradient.params[1] == [100]
+
+
+def test_full_grid_is_behind_the_environment_variable():
+    code = ("import json; from asv_benchmarks import bench_rbp as r, bench_solvers as s; "
+            "print(json.dumps([s.DenseNonsymmetric.params[1], s.Batched.params[1], s.Poisson.params[1], "
+            "r.HyperoptMetaGradient.params[1], r.HyperoptMetaGradient.params[2]]))")
+    import os
+
+    env = dict(os.environ, LINSOLVE_RBP_BENCH_FULL="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
+                         env=env, timeout=120, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [[100, 1000, 4000], [1, 64, 256], [100, 300],
+                                                        [100, 1000], [10, 50, 100]]
+
+
+def test_issue_workloads_in_the_suite_solve():
+    pytest.importorskip("torch")
+    from asv_benchmarks import bench_rbp, bench_solvers, common
+
+    P = common.poisson2d(4)
+    assert P.shape == (16, 16) and P.diagonal().tolist() == [4.0] * 16 and abs(P - P.T).max() == 0
+    bench = bench_solvers.Poisson()
+    bench.setup("cg", 100, "numpy")
+    assert bench.track_converged_fraction() == 1.0
+    g = bench_solvers.DenseGmres()
+    g.setup(g.setup_cache(), "gmres", "torch-cpu")
+    assert g.track_converged_fraction() == 1.0
+    deq = bench_rbp.DEQBackward()
+    deq.setup("neumann")
+    deq.time_backward("neumann")
+    assert deq.W.grad is not None and deq.W.grad.dtype.is_floating_point
+
+
+def test_row_format():
+    from asv_benchmarks.common import Row, format_rows
+
+    rows = [Row("cg Poisson 100^2", 20.0, "scipy cg", 10.0, "306 / 306", "ok"), Row("x", None)]
+    text = format_rows(rows, title="cg")
+    lines = text.splitlines()
+    assert lines[0] == "### cg" and lines[2].startswith("| workload | ours (ms) | peer |")
+    assert "| cg Poisson 100^2 | 20.0 | scipy cg | 10.0 | 2.00 | 306 / 306 | ok |" in lines
+    assert rows[1].ratio is None and lines[-1].startswith("| x | - |")
 
 
 def test_solver_benchmarks_cover_every_method():
@@ -97,19 +188,32 @@ def test_peers_quick_run_writes_both_tables(tmp_path):
     out = tmp_path / "table.md"
     proc = subprocess.run(
         [sys.executable, "-m", "asv_benchmarks.peers", "--quick", "--out", str(out)],
-        capture_output=True, text=True, cwd=str(ROOT), timeout=300,
+        capture_output=True, text=True, cwd=str(ROOT), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = out.read_text()
     rst = out.with_suffix(".inc").read_text()
-    own = [m for m in lr.methods() if not m.startswith("scipy.")]
-    for method in own:
-        assert f"`{method}`" in md
-    for section in ("scipy.sparse.linalg.gmres", "batch_dims=1", "Neumann-RBP", "BPTT"):
-        assert section in md
-    rows = [line for line in md.splitlines() if line.startswith("| ") and line.endswith(("PASS |", "MISS |"))]
-    # One row per own method, two for gmres, two batched (one matrix / B matrices), two per K
-    # and one growth row.
-    assert len(rows) == len(own) + 4 + 2 * 2 + 1
-    assert ".. list-table:: Measurements" in rst
-    assert rst.count("     - PASS") + rst.count("     - MISS") == len(rows)
+    peers = importlib.import_module("asv_benchmarks.peers")
+    for title in peers.SECTIONS.values():
+        assert f"## {title}" in md
+    for text in ("scipy gmres loop", "batch_dims=1", "grad rel. error", "BPTT through", "Neumann-RBP"):
+        assert text in md
+    rbp = md.split(f"## {peers.SECTIONS['rbp']}", 1)[1]
+    rows = [line for line in rbp.splitlines() if line.startswith("| ") and line.endswith(("PASS |", "MISS |"))]
+    # Two rows per K and one growth row (Neumann-RBP vs BPTT, one variant in the quick run).
+    assert len(rows) == 2 * 2 + 1
+    rst_rbp = rst.split(peers.SECTIONS["rbp"], 1)[1]
+    assert rst_rbp.count("     - PASS") + rst_rbp.count("     - MISS") == len(rows)
+    assert rst.count(".. list-table::") >= 1 + len(peers.SECTIONS) - 1
+
+
+def test_peers_rows_from_lean_modules():
+    peers = importlib.import_module("asv_benchmarks.peers")
+    from asv_benchmarks.common import Row
+
+    r = peers.as_row(("cg Poisson 100^2 scipy CSR", 0.02, 0.01, 306, 305), "lean")
+    assert r == Row("cg Poisson 100^2 scipy CSR", 20.0, "scipy cg", 10.0, "306 / 305", "")
+    r = peers.as_row(("gmres dense n=200, torch vs our numpy", 0.002, 0.001, 90, 90, "CONVERGED"), "lean_gmres")
+    assert (r.peer, r.note, r.ratio) == ("our numpy", "CONVERGED", 2.0)
+    rows, text = peers.lean_rows("no_such_module", quick=True)
+    assert len(rows) == 1 and "does not import" in rows[0].note and text == ""

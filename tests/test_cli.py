@@ -118,7 +118,9 @@ def test_compare_hopfield_torch_backend_matches_numpy(tmp_path, capsys):
     for m in ("gmres", "lsqr"):
         rt, rn = by_method(doc_t)[m], by_method(doc_n)[m]
         assert rt["status"] == rn["status"] == "converged"
-        assert rt["iterations"] == rn["iterations"]
+        # The numpy path takes its inner products from BLAS, torch from its own kernels: a
+        # stop that falls on the tolerance may move by one iteration, no more.
+        assert abs(rt["iterations"] - rn["iterations"]) <= 1, m
         assert rt["rel_error"] < 1e-4
 
 
