@@ -860,7 +860,7 @@ class TorchSparseOperator(_SparseMatrixOperator):
     @staticmethod
     def _sp(S, x):
         if x.ndim == 1:
-            return (S @ x[:, None])[:, 0]
+            return S.mv(x)  # the sparse matrix-vector kernel, without a (n, 1) matrix product
         return (S @ x.T).T
 
     def to_dense(self, like=None):
