@@ -333,24 +333,9 @@ class GMRES(Solver):
             # the one it started from means the small least-squares problem was numerically
             # singular (A singular on the Krylov space, b outside its range); keep x_start.
             worse = started & xp.isfinite(rtrue) & (rtrue > 10.0 * beta)
-            if bool(xp.any(worse)):
-                x = xp.where(worse[:, None], x_start, x)
-                r = xp.where(worse[:, None], r_start, r)
-                rtrue = xp.where(worse, beta, rtrue)
-                mon._set(worse, BREAKDOWN)
-            reopened = mon.check(x, rtrue)
-            if reopened is not None:
-                # scipy's adaptive inner tolerance (scipy gh-8400): the estimate's target for
-                # the next cycle is scaled by how far the true residual was from it, tighter
-                # after an estimate that passed while the true residual did not.
-                factor = xp.where(
-                    reopened,
-                    xp.maximum(factor * 0.25, xp.full_like(factor, eps)),
-                    xp.minimum(factor * 1.5, ones_r),
-                )
-                safe_rt = xp.where(rtrue > 0, rtrue, ones_r)
-                inner = est * xp.minimum(factor, target / safe_rt)
-                mon.threshold = xp.where(mon.active, inner, mon.threshold)
+            x, r, rtrue, factor = _end_cycle(
+                mon, xp, x, r, rtrue, worse if bool(xp.any(worse)) else None, x_start, r_start,
+                beta, factor, est, target, eps, ones_r)
             beta = rtrue
         return mon.finish(x, rtrue, info={"cycles": cycles, "restart": m})
 
@@ -638,25 +623,35 @@ class GMRES(Solver):
             # the one it started from means the small least-squares problem was numerically
             # singular (A singular on the Krylov space, b outside its range); keep x_start.
             worse = started & hp.isfinite(rtrue_h) & (rtrue_h > 10.0 * beta_h)
-            if bool(hp.any(worse)):
-                wd = to_dev(worse)
-                x = xp.where(wd[:, None], x_start, x)
-                r = xp.where(wd[:, None], r_start, r)
-                rtrue = xp.where(wd, beta, rtrue)
-                mon._set(wd, BREAKDOWN)
-            reopened = mon.check(x, rtrue)
-            if reopened is not None:
-                # scipy's adaptive inner tolerance (scipy gh-8400): the estimate's target for
-                # the next cycle is scaled by how far the true residual was from it, tighter
-                # after an estimate that passed while the true residual did not.
-                factor = xp.where(
-                    reopened,
-                    xp.maximum(factor * 0.25, xp.full_like(factor, eps)),
-                    xp.minimum(factor * 1.5, ones_r),
-                )
-                safe_rt = xp.where(rtrue > 0, rtrue, ones_r)
-                inner = to_dev(est) * xp.minimum(factor, target / safe_rt)
-                mon.threshold = xp.where(mon.active, inner, mon.threshold)
+            x, r, rtrue, factor = _end_cycle(
+                mon, xp, x, r, rtrue, to_dev(worse) if bool(hp.any(worse)) else None, x_start,
+                r_start, beta, factor, to_dev(est), target, eps, ones_r)
             beta = rtrue
             beta_h = host(beta)
         return mon.finish(x, rtrue, info={"cycles": cycles, "restart": m})
+
+
+def _end_cycle(mon, xp, x, r, rtrue, worse, x_start, r_start, beta, factor, est, target, eps, ones_r):
+    """Close a restart cycle on the true residual ``rtrue`` of ``x``: the systems in ``worse``
+    (None: none) keep the cycle's start, as a breakdown; the claims are checked; and the
+    estimate's target for the next cycle follows scipy's adaptive inner tolerance. Returns
+    ``x, r, rtrue, factor``."""
+    if worse is not None:
+        x = xp.where(worse[:, None], x_start, x)
+        r = xp.where(worse[:, None], r_start, r)
+        rtrue = xp.where(worse, beta, rtrue)
+        mon._set(worse, BREAKDOWN)
+    reopened = mon.check(x, rtrue)
+    if reopened is not None:
+        # scipy's adaptive inner tolerance (scipy gh-8400): the estimate's target for the next
+        # cycle is scaled by how far the true residual was from it, tighter after an estimate
+        # that passed while the true residual did not.
+        factor = xp.where(
+            reopened,
+            xp.maximum(factor * 0.25, xp.full_like(factor, eps)),
+            xp.minimum(factor * 1.5, ones_r),
+        )
+        safe_rt = xp.where(rtrue > 0, rtrue, ones_r)
+        inner = est * xp.minimum(factor, target / safe_rt)
+        mon.threshold = xp.where(mon.active, inner, mon.threshold)
+    return x, r, rtrue, factor
