@@ -227,9 +227,6 @@ class BiCGStab(Solver):
         def every(mask):
             return host and bool(xp.all(mask))
 
-        def col(a):
-            return a[:, None]
-
         def M(v):
             return v if prob.psolve is None else prob.psolve(v)
 
@@ -255,10 +252,10 @@ class BiCGStab(Solver):
                 go = go & mon.active
                 beta = (rho / safe(rho_prev)) * (alpha / safe(omega))
                 # Stopped systems get p = 0, so their (unused) scalars stay finite.
-                p = r + col(beta) * (p - col(omega) * v)
+                p = r + beta[:, None] * (p - omega[:, None] * v)
                 all_go = every(go)
                 if not all_go:
-                    p = xp.where(col(go), p, xp.zeros_like(p))
+                    p = xp.where(go[:, None], p, xp.zeros_like(p))
                 phat = M(p)
                 v = prob.mv(phat)
                 rv = dot(rhat_c, v)
@@ -266,7 +263,7 @@ class BiCGStab(Solver):
                 mon.flag(bad, BREAKDOWN)
                 go = go & ~bad
                 alpha = rho / safe(rv)
-                s = r - col(alpha) * v
+                s = r - alpha[:, None] * v
                 snorm = norm(xp, s)
                 # Half-step convergence: x + alpha p_hat already meets the tolerance.
                 half = no if mon.threshold is None else go & (snorm <= mon.threshold)
@@ -280,13 +277,13 @@ class BiCGStab(Solver):
                 omega = xp.where(full, ts / safe(dot(tc, t)), zeros)
                 # A system whose omega broke down still takes the half step (x + alpha p_hat,
                 # residual s), the best iterate the method has for it.
-                xn = x + col(alpha) * phat + col(omega) * shat
-                rn = s - col(omega) * t
+                xn = x + alpha[:, None] * phat + omega[:, None] * shat
+                rn = s - omega[:, None] * t
                 if all_go and every(go):
                     x, r = xn, rn
                 else:
-                    x = xp.where(col(go), xn, x)
-                    r = xp.where(col(go), rn, r)
+                    x = xp.where(go[:, None], xn, x)
+                    r = xp.where(go[:, None], rn, r)
                 if every(full):
                     rnorm = norm(xp, r)
                 else:
