@@ -373,12 +373,8 @@ class Monitor:
                 self.best_x = cand if fresh else xp.asarray(cand, copy=True)
             else:
                 self.best_x = xp.where(better[:, None], cand, self.best_x)
-        cb = self.prob.callback
-        if cb is not None:
-            if self.prob.batched:
-                cb(self.k, x, rnorm)
-            else:
-                cb(self.k, None if x is None else x[0, ...], rnorm[0])
+        if self.prob.callback is not None:
+            self._call_back(x, rnorm)
         if self.k % self.prob.check_every == 0:
             return not self.any_active()
         return False
@@ -423,15 +419,19 @@ class Monitor:
                 self._best_f = r
             if better or self.best_x is None:
                 self.best_x = cand if fresh else self.xp.asarray(cand, copy=True)
-        cb = self.prob.callback
-        if cb is not None:
-            if self.prob.batched:
-                cb(self.k, x, rnorm)
-            else:
-                cb(self.k, None if x is None else x[0, ...], rnorm[0])
+        if self.prob.callback is not None:
+            self._call_back(x, rnorm)
         if self.k % self.prob.check_every == 0:
             return not bool(self.active[0])
         return False
+
+    def _call_back(self, x, rnorm):
+        """The user's callback with iteration ``k``: the batch as it is, or one system's."""
+        cb = self.prob.callback
+        if self.prob.batched:
+            cb(self.k, x, rnorm)
+        else:
+            cb(self.k, None if x is None else x[0, ...], rnorm[0])
 
     def any_active(self) -> bool:
         """Whether any system is still running (one host synchronisation)."""
