@@ -12,6 +12,7 @@ import abc
 import dataclasses
 import math
 import os
+import time
 
 import numpy as np
 
@@ -205,3 +206,24 @@ def format_rows(rows, *, title: str | None = None) -> str:
             ]) + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def best_time(fn, repeats: int, clock=time.perf_counter) -> float:
+    """Smallest time of ``repeats`` calls of ``fn`` by ``clock`` (wall time by default; pass
+    ``time.process_time`` for CPU time), the figure least disturbed by other processes."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        best = min(best, clock() - t0)
+    return best
+
+
+def best_pair(f, g, repeats: int, clock=time.perf_counter):
+    """Smallest times of ``f`` and of ``g``, timed in turns so that load from other processes
+    falls on both alike."""
+    tf = tg = float("inf")
+    for _ in range(repeats):
+        tf = min(tf, best_time(f, 1, clock))
+        tg = min(tg, best_time(g, 1, clock))
+    return tf, tg

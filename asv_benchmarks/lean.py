@@ -36,6 +36,8 @@ import scipy.sparse.linalg as spla  # noqa: E402
 
 import linsolve_rbp as lr  # noqa: E402
 
+from .common import best_pair, best_time  # noqa: E402
+
 try:  # noqa: E402
     import torch
 except ImportError:  # pragma: no cover - torch is optional
@@ -70,22 +72,11 @@ clock = time.process_time
 
 
 def _best(f, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = clock()
-        f()
-        best = min(best, clock() - t)
-    return best
+    return best_time(f, repeat, clock)
 
 
 def _pair(f, g, repeat: int):
-    """Minimum times of ``f`` and ``g``, run alternately (so that load from other processes
-    falls on both alike)."""
-    tf = tg = float("inf")
-    for _ in range(repeat):
-        tf = min(tf, _best(f, 1))
-        tg = min(tg, _best(g, 1))
-    return tf, tg
+    return best_pair(f, g, repeat, clock)
 
 
 def cg_poisson(k: int, repeat: int = 5):

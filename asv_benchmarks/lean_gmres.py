@@ -35,28 +35,12 @@ import scipy.sparse.linalg as spla
 import linsolve_rbp as lr
 from linsolve_rbp.problems import random_contractive
 
+from .common import best_pair, best_time
+
 __all__ = ["main", "gmres_dense_rows", "per_iteration_rows", "overhead_rows"]
 
 RESTART = 30
 RTOL = 1e-8
-
-
-def _best(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _pair(f, g, repeats):
-    """Smallest times of ``f`` and of ``g``, timed in turns."""
-    tf = tg = float("inf")
-    for _ in range(repeats):
-        tf = min(tf, _best(f, 1))
-        tg = min(tg, _best(g, 1))
-    return tf, tg
 
 
 def _counted(matvec, n, dtype=np.float64):
@@ -92,7 +76,7 @@ def gmres_dense_rows(n=200, repeats=20):
     res = ours_np()
     op, count = _counted(lambda v: M @ v, n)
     _, info = spla.gmres(op, b, maxiter=100 * n, **kw)
-    t_ours, t_sp = _pair(ours_np, scipy_np, repeats)
+    t_ours, t_sp = best_pair(ours_np, scipy_np, repeats)
     where = f"gmres dense I - J^T n={n} restart {RESTART} rtol {RTOL:g}"
     rows = [(f"{where}, numpy vs scipy", t_ours, t_sp, res.matvecs, count[0],
              f"{res.status.name} / info={info}")]
@@ -104,7 +88,7 @@ def gmres_dense_rows(n=200, repeats=20):
             return lr.solve(Mt, bt, method="gmres", maxiter=100 * n, **kw)
 
         rt = ours_t()
-        t_t, t_np = _pair(ours_t, ours_np, repeats)
+        t_t, t_np = best_pair(ours_t, ours_np, repeats)
         rows.append((f"{where}, torch vs scipy", t_t, t_sp, rt.matvecs, count[0], rt.status.name))
         rows.append((f"{where}, torch vs our numpy", t_t, t_np, rt.matvecs, res.matvecs, rt.status.name))
     return rows
@@ -141,7 +125,7 @@ def per_iteration_rows(n=16384, repeats=10, budget=300):
                 return lr.solve(A, bb, method=method, rtol=1e-15, atol=0.0, **ours_kw)
 
             res = ours()
-            t_o, t_p = _pair(ours, theirs, repeats)
+            t_o, t_p = best_pair(ours, theirs, repeats)
             rows.append((f"{method} per product, diagonal n={n}, {name} vs scipy (ms/product)",
                          t_o / res.matvecs, t_p / n_sp, res.matvecs, n_sp, res.status.name))
     return rows
@@ -160,7 +144,7 @@ def overhead_rows(n=64, product_s=1e-3, repeats=3, budget=60):
         return y
 
     # The time one product takes, as measured (the spin plus the call).
-    t_mv = _best(lambda: spin(b), 20)
+    t_mv = best_time(lambda: spin(b), 20)
     rows = []
     A = lr.LinearOperator((n, n), matvec=spin, like=b)
     for method, kw in (("gmres", dict(restart=RESTART)), ("bicgstab", {})):
@@ -168,7 +152,7 @@ def overhead_rows(n=64, product_s=1e-3, repeats=3, budget=60):
             return lr.solve(A, b, method=method, rtol=1e-15, atol=0.0, maxiter=budget, **kw)
 
         res = run()
-        wall = _best(run, repeats)
+        wall = best_time(run, repeats)
         ideal = res.matvecs * t_mv
         rows.append((f"{method} overhead at a {1e3 * product_s:g} ms product (wall / products x product)",
                      wall, ideal, res.matvecs, res.matvecs, res.status.name))

@@ -62,11 +62,7 @@ import linsolve_rbp as lr
 from linsolve_rbp.experiments.fresh import MEMORY_ENV, run_fresh
 from linsolve_rbp.problems import random_contractive
 
-try:  # run as ``python -m asv_benchmarks.peers`` or imported as a package module
-    from .common import Row, format_rows
-except ImportError:  # pragma: no cover - run as a plain script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from asv_benchmarks.common import Row, format_rows
+from .common import Row, best_time, format_rows
 
 __all__ = ["CONFIGS", "SECTIONS", "Check", "Row", "main", "run", "to_markdown", "to_rst"]
 
@@ -100,16 +96,6 @@ class Check:
     @property
     def verdict(self) -> str:
         return "" if self.ok is None else ("PASS" if self.ok else "MISS")
-
-
-def best_time(fn, repeats: int) -> float:
-    """Smallest wall time of ``repeats`` calls (the least disturbed by other processes)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def product_time(f, x, calls: int = 20, blocks: int = 5) -> float:
