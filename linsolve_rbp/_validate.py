@@ -47,6 +47,8 @@ COMMON_OPTIONS = {
     "batch_dims": 0,
     "check_every": 1,
     "divtol": 1e5,
+    "compile": False,
+    "reduction": None,
 }
 
 #: The failure policies: what a solve that did not succeed does.
@@ -197,6 +199,7 @@ def did_you_mean(name: str, candidates, aliases: dict | None = None) -> str:
 
 #: The option kinds :meth:`Solver.check_options` understands, besides a tuple of choices.
 OPTION_KINDS = (
+    "positive_real",
     "nonnegative",
     "nonnegative_or_inf",
     "positive_int",
@@ -212,6 +215,11 @@ def check_kind(value, name: str, kind):
     is a choice among its values) and return it normalised."""
     if isinstance(kind, tuple):
         return choice(value, name, kind)
+    if kind == "positive_real":
+        v = nonnegative_real(value, name, allow_inf=False)
+        if v == 0:
+            raise ValueError(f"{name} must be a positive finite real number, got {value!r}")
+        return v
     if kind == "nonnegative":
         # A finite real >= 0: an infinite damping (damp, eta) only makes the iteration
         # non-finite.
@@ -252,6 +260,10 @@ def check_common(opts: dict) -> dict:
         out["batch_dims"] = int(v)
     if "callback" in opts:
         out["callback"] = callable_or_none(opts["callback"], "callback")
+    if "compile" in opts:
+        out["compile"] = boolean(opts["compile"], "compile")
+    if "reduction" in opts:
+        out["reduction"] = _reduction(opts["reduction"])
     if "throw" in opts:
         out["throw"] = boolean(opts["throw"], "throw")
     if "on_failure" in opts:
@@ -277,14 +289,31 @@ def check_common(opts: dict) -> dict:
     return out
 
 
-def unknown_option(method: str, unknown, accepted) -> TypeError:
+def unknown_option(method: str, unknown, accepted, *, aliases=None, where: str = "") -> TypeError:
+    """The error for the options ``unknown`` that ``method`` does not take: the closest of
+    ``accepted`` to the first (by ``aliases``, the common options' by default) and all of
+    them; ``where`` prefixes the message (``"forward: forward "``)."""
     accepted = sorted(accepted, key=str.lower)
     first = unknown[0]
-    hint = did_you_mean(first, accepted, _ALIASES)
+    hint = did_you_mean(first, accepted, _ALIASES if aliases is None else aliases)
     s = "s" if len(unknown) > 1 else ""
     return TypeError(
-        f"method {method!r} got unknown option{s} {', '.join(map(repr, unknown))}{hint}; "
+        f"{where}method {method!r} got unknown option{s} {', '.join(map(repr, unknown))}{hint}; "
         f"it accepts: {', '.join(accepted)}"
     )
 
 
+
+
+def _reduction(red):
+    """``reduction=``: None or a reduction object (:mod:`linsolve_rbp.distributed`)."""
+    if red is None:
+        return None
+    missing = [a for a in ("allreduce_sum", "allreduce_max", "allreduces", "size", "rank") if not hasattr(red, a)]
+    if missing:
+        raise TypeError(
+            "reduction must be None or a reduction of linsolve_rbp.distributed (Local, "
+            "Simulated(n)[rank], TorchDistributed(group), MPI(comm)), got "
+            f"{type(red).__name__} (it has no {', '.join(missing)})"
+        )
+    return red

@@ -10,6 +10,7 @@ them is asked for.
 from __future__ import annotations
 
 import importlib
+import sys
 import importlib.util
 from functools import lru_cache
 
@@ -136,6 +137,10 @@ def is_sparse(x) -> bool:
 
 
 def _torch():
+    # The module once imported (to_numpy asks for it on every call, for bfloat16).
+    mod = sys.modules.get("torch")
+    if mod is not None:
+        return mod
     return import_optional("torch", "torch support")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -13,7 +14,7 @@ from . import backend as _b
 from ._result import SolveError, SolveResult, Status
 from ._validate import COMMON_OPTIONS, check_common, did_you_mean, unknown_option
 from .operators import LinearOperator, OperatorMismatchError, aslinearoperator
-from .solvers._base import Problem, Solver, run_scaled
+from .solvers._base import Problem, Solver, refuse_reduction, run_scaled, safe_norm, using_reduction
 
 __all__ = ["solve", "methods", "get_method", "register_method", "check_options", "SolveOptions", "PreparedSolve"]
 
@@ -138,7 +139,7 @@ def check_options(method: str, options: dict) -> dict:
     >>> check_options("gmres", {"restrat": 5})
     Traceback (most recent call last):
     ...
-    TypeError: method 'gmres' got unknown option 'restrat' (did you mean 'restart'?); it accepts: atol, batch_dims, callback, check_every, divtol, M, maxiter, on_failure, restart, rtol, throw, x0
+    TypeError: method 'gmres' got unknown option 'restrat' (did you mean 'restart'?); it accepts: atol, batch_dims, callback, check_every, compile, divtol, M, maxiter, on_failure, orthogonalization, reduction, restart, rtol, throw, x0
     """
     method = check_method_name(method)
     if not isinstance(options, dict):
@@ -158,6 +159,9 @@ def check_options(method: str, options: dict) -> dict:
     if unknown:
         raise unknown_option(method, unknown, accepted)
     out = check_common(options)
+    if out.get("reduction") is not None:  # a bridge refuses sharded input before any work
+        for s in solvers:
+            refuse_reduction(s, out["reduction"])
     if "M" in options:
         out["M"] = _check_preconditioner_kind(options["M"], solvers[0] if len(solvers) == 1 else None)
     for s in solvers:
@@ -168,10 +172,29 @@ def check_options(method: str, options: dict) -> dict:
     return {k: out[k] for k in options}
 
 
-def _resolve_auto(A: LinearOperator) -> str:
-    if A.shape[0] != A.shape[1]:
+def _resolve_auto(A: LinearOperator, shape=None) -> str:
+    m, n = A.shape if shape is None else shape
+    if m != n:
         return "lsqr"
     return "gmres"
+
+
+def _global_shape(A: LinearOperator, reduction, b) -> tuple:
+    """``A.shape``, or with a reduction the shape of the whole sharded operator: the sums of
+    the shards' (one collective, made on every rank whatever its shard holds), so that the
+    ranks take the decisions that depend on it alike (the method ``"auto"`` picks, the
+    default budget, whether there is anything to iterate). The collective is made on an
+    array of ``b``'s library and device (NCCL reduces only CUDA tensors)."""
+    m, n = A.shape
+    if reduction is None:
+        return m, n
+    if _b.is_array(b):
+        xp = _b.array_namespace(b)
+        local = xp.asarray([m, n], dtype=xp.int64, device=_b.device_of(b))
+    else:  # b is refused later, by the checks of every rank
+        xp, local = np, np.asarray([m, n], dtype=np.int64)
+    sizes = _b.to_numpy(reduction.allreduce_sum(xp, (local,))[0])
+    return int(sizes[0]), int(sizes[1])
 
 
 @dataclass(frozen=True)
@@ -213,6 +236,10 @@ class SolveOptions:
     check_every: int
     divtol: float | None
     method_options: Mapping[str, Any]
+    #: Compile the method's iteration with ``torch.compile`` (see :func:`solve`).
+    compile: bool = False
+    #: The reduction of a solve whose vectors are sharded, or None (see :func:`solve`).
+    reduction: Any = None
 
     @property
     def throw(self) -> bool:
@@ -342,10 +369,15 @@ class _FacadeOperator(LinearOperator):
                 None if f is None else (lambda f: lambda x: xp.astype(f(xp.astype(x, low)), work))(f)
                 for f in (self._fmv, self._fmatvec, self._frmv, self._frmatvec)
             )
+        # The structure tag is A's, asked for when a solver asks (a dense matrix's check reads
+        # all of it: gmres, which never asks, does not pay for it).
         self._setup(
             A.shape, dtype=like.dtype if work_dtype is None else work_dtype, xp=xp,
-            device=_b.device_of(like), backend=_b.backend_name(like), symmetric=A.symmetric,
+            device=_b.device_of(like), backend=_b.backend_name(like),
         )
+
+    def _detect_symmetric(self):
+        return self.A.symmetric
 
     @property
     def has_rmatvec(self):
@@ -423,6 +455,19 @@ def _refuse_unservable(method, solver, A, M, batch_dims):
                 )
 
 
+def _refuse_uncompiled(method, solver, xp):
+    """Refuse ``compile=True`` for a method without a compiled path or data not in torch."""
+    if not getattr(solver, "compiles", False):
+        able = [n for n in methods() if getattr(get_method(n), "compiles", False)]
+        raise ValueError(
+            f"method {method!r} has no compiled iteration (compile=True); methods that have one: "
+            f"{', '.join(able) or 'none'}; or drop compile=True"
+        )
+    from .solvers._compile import check_namespace
+
+    check_namespace(xp, method)
+
+
 def _empty_result(opts: SolveOptions, A, b, x_shape) -> SolveResult:
     """The result of a solve with no unknowns, no equations or no systems: nothing to iterate."""
     xp = _b.array_namespace(b)
@@ -498,6 +543,8 @@ def solve(
     batch_dims: int = 0,
     check_every: int = 1,
     divtol: float | None = 1e5,
+    compile: bool = False,
+    reduction=None,
     **options,
 ) -> SolveResult:
     """Solve ``A x = b`` (or the least-squares problem, for ``lsqr``-type methods).
@@ -514,7 +561,12 @@ def solve(
         The right-hand side, in any array-API backend (numpy, torch, cupy, ...). With
         ``batch_dims=1`` each row is an independent system. float16 and bfloat16 are solved
         with the iteration in float32 (each product casts to ``b``'s dtype, applies ``A`` and
-        casts back); ``res.x`` has ``b``'s dtype.
+        casts back); ``res.x`` has ``b``'s dtype. CPU torch tensors (float32, float64,
+        complex) that do not require grad are solved by the numpy iteration on views of
+        their memory, which is leaner on the host than torch's; the products still apply
+        the torch operator (a dense or sparse CPU torch matrix through numpy / scipy views of
+        its data), and ``res.x`` is a tensor. When a product returns a tensor that autograd
+        tracks, the solve runs on the tensors instead.
     method : str
         One of :func:`methods`, or ``"auto"`` (``gmres`` for square operators, which needs only
         products with ``A``; ``lsqr`` for rectangular ones).
@@ -554,6 +606,21 @@ def solve(
     divtol : float or None
         Stop with DIVERGED when a residual norm exceeds ``divtol`` times the initial one
         (PETSc's KSP uses the same test with ``dtol = 1e5``). None disables the test.
+    compile : bool
+        Compile the method's iteration with :func:`torch.compile` (torch tensors only; off by
+        default). ``neumann`` and ``fixed_point`` compile a fixed budget whole (no host read
+        until the end) and their per-iteration step otherwise; ``cg`` and ``gmres`` compile
+        their per-iteration step. The first solve of each kind of problem pays the
+        compilation (seconds); methods without a compiled iteration refuse it.
+    reduction : linsolve_rbp.distributed.Reduction, optional
+        For a system whose vectors are split over processes: ``A`` acts on this rank's
+        entries (doing its own communication) and ``b``, ``x0`` and ``x`` are this rank's
+        entries; every inner product and norm is then summed over the ranks through
+        ``reduction`` (:class:`~linsolve_rbp.distributed.TorchDistributed`,
+        :class:`~linsolve_rbp.distributed.MPI`), so that all ranks run the same iterations
+        and stop together. ``res.info["allreduces"]`` counts the all-reduces the solve
+        made (the operator's own communication aside). Default None: the vectors are whole. The scipy bridges refuse a reduction over
+        more than one rank. See :doc:`/distributed`.
     **options
         Method-specific options (see each method's documentation).
 
@@ -581,15 +648,18 @@ def solve(
     given = dict(
         rtol=rtol, atol=atol, maxiter=maxiter, x0=x0, M=M, callback=callback, throw=throw,
         on_failure=on_failure, batch_dims=batch_dims, check_every=check_every, divtol=divtol,
+        compile=compile, reduction=reduction,
     )
     given.update(options)
     v = check_options(method, given)
     A = _as_operator(A, "A")
+    shape = None
     if method == "auto":
-        method = _resolve_auto(A)
+        shape = _global_shape(A, v.get("reduction"), b)
+        method = _resolve_auto(A, shape)
     solver = get_method(method)
     method_options = solver.check_options({k: v[k] for k in options})
-    return _solve_checked(A, b, method, solver, v, method_options, stacklevel=3)
+    return _solve_checked(A, b, method, solver, v, method_options, stacklevel=3, shape=shape)
 
 
 class PreparedSolve:
@@ -610,7 +680,7 @@ class PreparedSolve:
     'COMPLETED'
     """
 
-    __slots__ = ("method", "options", "_v", "_solver", "_method_options")
+    __slots__ = ("method", "options", "_v", "_solver", "_method_options", "_series")
 
     def __init__(self, method: str, options: dict):
         v = check_options(method, options)
@@ -627,6 +697,104 @@ class PreparedSolve:
         else:
             self._solver = get_method(method)
             self._method_options = self._solver.check_options(own)
+        self._series = self._series_plan()
+
+    def _series_plan(self):
+        """``(method, maxiter, divtol)`` when these options make a fixed-budget ``neumann`` or
+        ``fixed_point`` solve that :meth:`series` can run, else None."""
+        v = self._v
+        if self.method not in ("neumann", "fixed_point") or self._method_options:
+            return None
+        if v["rtol"] is not None or v["atol"] is not None or v["maxiter"] is None:
+            return None
+        if v["callback"] is not None or v["M"] is not None or v["x0"] is not None or v["check_every"] != 1:
+            return None
+        # Options added by other features (compiled loops, distributed reductions) take the
+        # full path, which knows them.
+        if v.get("reduction") is not None or v.get("compile"):
+            return None
+        if any(v.get(k) not in (None, False) for k in v if k not in COMMON_OPTIONS):
+            return None
+        return self.method, int(v["maxiter"]), v["divtol"]
+
+    @property
+    def can_series(self) -> bool:
+        """Whether :meth:`series` may run these options (a fixed-budget ``neumann`` or
+        ``fixed_point`` solve without callback, preconditioner or ``x0``, checked every
+        iteration)."""
+        return self._series is not None
+
+    def series(self, apply, b, shape=None):
+        """The solve ``(I - T) x = b`` from ``x0 = 0`` by these options (fixed-budget
+        ``neumann`` or ``fixed_point``), given only the product ``apply(v) = T v``; None when
+        the full path :meth:`__call__` must run it instead.
+
+        Both methods then sum the same series, ``x = sum_k T^k b`` (``maxiter`` terms after
+        the first for ``neumann``, ``maxiter - 1`` for ``fixed_point``), with one product per
+        term and no other work per term than adding it and taking its norm. The norms are
+        read on the host once, at the end. The result is the one the full path returns on
+        ``A = I - T`` (status COMPLETED, iterations, products, residual norm and history
+        alike; the terms are ``T v`` itself rather than ``v - (I - T) v``, one rounding
+        fewer). When anything the full path treats specially shows up (a non-finite term or
+        sum, a term grown past the first, ``b`` too close to the ends of the dtype's range
+        for an unscaled norm), this returns None, and the caller runs the full path, which
+        reports it; the products spent here are then lost.
+
+        ``b`` is a trusted right-hand side, real float32 or float64 (any other dtype returns
+        None), of any shape that holds the flat right-hand side ``shape`` (``(n,)``, or
+        ``(B, n)`` with ``batch_dims=1``, whose leading axis ``b`` keeps; default
+        ``b.shape``), so that ``apply`` may take and return arrays in a shape of its own
+        (a state's) without reshaping; ``res.x`` has ``shape``.
+        """
+        plan = self._series
+        if plan is None:
+            return None
+        is_torch = _b.is_torch_array(b)
+        if is_torch:
+            import torch
+
+            if b.dtype not in (torch.float32, torch.float64):
+                return None
+        elif not _b.is_array(b) or str(b.dtype).rsplit(".", 1)[-1] not in ("float32", "float64"):
+            return None
+        method, maxiter, divtol = plan
+        batched = self._v["batch_dims"] == 1
+        shape = tuple(b.shape) if shape is None else tuple(shape)
+        if len(shape) != (2 if batched else 1) or 0 in shape or (batched and b.shape[0] != shape[0]):
+            return None
+        products = maxiter if method == "neumann" else max(maxiter - 1, 0)
+        axis = tuple(range(1, b.ndim)) if batched else None
+        if is_torch:
+            # torch's own functions: the namespace wrapper's Python work is per term here.
+            def norm(v):
+                return torch.linalg.vector_norm(v, dim=axis)
+
+            stack, total, x = torch.stack, (lambda x: torch.sum(x, dim=axis)), b.clone()
+        else:
+            xp = _b.array_namespace(b)
+
+            def norm(v):
+                return xp.linalg.vector_norm(v, axis=axis)
+
+            stack, total, x = xp.stack, (lambda x: xp.sum(x, axis=axis)), xp.asarray(b, copy=True)
+        v = b
+        norms = [norm(v)]
+        for _ in range(products):
+            v = apply(v)
+            x += v
+            norms.append(norm(v))
+        norms.append(total(x))
+        # One read on the host: every norm, and the sum of x (finite exactly when x is, or
+        # it overflowed: then it is not finite either and the full path decides).
+        rows = np.asarray(_b.to_numpy(stack(norms)), dtype=np.float64).reshape(products + 2, -1)
+        if not _series_ok(rows, divtol):
+            return None
+        hist = rows[:-1]
+        if method == "fixed_point":
+            hist = np.concatenate([hist[:1], hist])  # its first iteration, x_1 = b, is free
+        if tuple(x.shape) != shape:
+            x = x.reshape(shape)
+        return _completed(method, x, hist, maxiter, products, batched)
 
     def __call__(self, A, b, x0=None):
         v = self._v
@@ -634,19 +802,68 @@ class PreparedSolve:
             v = dict(v, x0=x0)
         A = _as_operator(A, "A")
         solver, method_options, method = self._solver, self._method_options, self.method
+        shape = None
         if solver is None:
-            method = _resolve_auto(A)
+            shape = _global_shape(A, v.get("reduction"), b)
+            method = _resolve_auto(A, shape)
             solver = get_method(method)
             method_options = solver.check_options(
                 {k: val for k, val in method_options.items() if k in solver.options}
             )
-        return _solve_checked(A, b, method, solver, v, method_options, stacklevel=3)
+        return _solve_checked(A, b, method, solver, v, method_options, stacklevel=3, shape=shape)
 
 
-def _solve_checked(A, b, method, solver, v, method_options, stacklevel):
+def _series_ok(rows, divtol) -> bool:
+    """Whether the norms ``rows[:-1]`` of a series' terms (and the sum ``rows[-1]`` of its
+    partial sum) show nothing the full path treats specially: all finite, the first within
+    the range where an unscaled norm is exact, the last not above the first (the full path
+    notes growth), none near ``divtol`` times the first (the full path's divergence test)."""
+    if rows.shape[1] == 1:
+        vals = rows[:, 0].tolist()
+        r0, hist = vals[0], vals[:-1]
+        if not all(math.isfinite(r) for r in vals):
+            return False
+        if (r0 != 0.0 and r0 < 2.0 ** -60) or r0 > 2.0 ** 60 or hist[-1] > r0:
+            return False
+        return divtol is None or max(hist) <= (1 - 1e-6) * divtol * r0
+    hist, r0 = rows[:-1], rows[0]
+    if not np.all(np.isfinite(rows)):
+        return False
+    if np.any((r0 != 0) & (r0 < 2.0 ** -60)) or np.any(r0 > 2.0 ** 60) or np.any(hist[-1] > r0):
+        return False
+    return divtol is None or bool(np.all(np.max(hist, axis=0) <= (1 - 1e-6) * divtol * r0))
+
+
+def _completed(method, x, hist, iterations, matvecs, batched) -> SolveResult:
+    """The result :func:`_to_result` makes of a fixed-budget solve whose systems all ended
+    COMPLETED, ``hist`` its residual history ``(iterations + 1, nsys)`` on the host."""
+    done = Status.COMPLETED
+    rnorm = hist[-1]
+    if batched:
+        nsys = hist.shape[1]
+        message = (
+            f"{method}: {nsys} {done.name} of {nsys} systems after {iterations} iterations "
+            f"(largest residual norm {np.max(rnorm):.3e})"
+        )
+        return SolveResult(
+            x=x, status=done, converged=np.zeros(nsys, dtype=bool), success=True,
+            iterations=iterations, matvecs=matvecs, rmatvecs=0, residual_norm=rnorm.copy(),
+            residual_history=hist, message=message, method=method, statuses=(done,) * nsys, info={},
+        )
+    r = float(rnorm[0])
+    message = f"{method}: {done.value} (after {iterations} iterations, residual norm {r:.3e})"
+    return SolveResult(
+        x=x, status=done, converged=False, success=True, iterations=iterations, matvecs=matvecs,
+        rmatvecs=0, residual_norm=r, residual_history=hist[:, 0], message=message, method=method,
+        statuses=None, info={},
+    )
+
+
+def _solve_checked(A, b, method, solver, v, method_options, stacklevel, shape=None):
     """The rest of :func:`solve` once the options are valid: check ``b``, ``x0`` and ``M``
     against ``A``, refuse what the method cannot serve, run, apply the failure policy.
-    ``stacklevel`` 1 is the line calling this function (warnings point at the user's call)."""
+    ``stacklevel`` 1 is the line calling this function (warnings point at the user's call);
+    ``shape`` the global shape where the caller found it (:func:`_global_shape`)."""
     x0, M = v["x0"], v["M"]
     batch_dims = v["batch_dims"]
     m, n = A.shape
@@ -661,23 +878,191 @@ def _solve_checked(A, b, method, solver, v, method_options, stacklevel):
             raise ValueError(f"x0 must have shape {x_shape}, got {tuple(x0.shape)}")
     M_op = _as_preconditioner(M, b, n) if M is not None else None
     _refuse_unservable(method, solver, A, M_op, batch_dims)
-    maxiter = v["maxiter"] if v["maxiter"] is not None else solver.default_maxiter(n)
+    compile_ = bool(v.get("compile", False))
+    if compile_:
+        _refuse_uncompiled(method, solver, xp)
+    maxiter = v["maxiter"]
+    red = v.get("reduction")
+    # A sharded system: its global size decides the default budget and whether there is
+    # anything to iterate, the same on every rank (a rank may hold no rows). Exactly one
+    # collective is made before the run (see _run).
+    m_all, n_all = shape if shape is not None else _global_shape(A, red, b)
+    if maxiter is None:
+        maxiter = solver.default_maxiter(n_all)
     policy = v["on_failure"] or ("raise" if v["throw"] else "ignore")
     opts = SolveOptions(
         method=method, rtol=v["rtol"], atol=v["atol"], maxiter=int(maxiter), x0=x0, M=M_op,
         callback=v["callback"], on_failure=policy, batch_dims=batch_dims,
         check_every=v["check_every"], divtol=v["divtol"],
-        method_options=MappingProxyType(dict(method_options)),
+        method_options=MappingProxyType(dict(method_options)), compile=compile_,
+        reduction=v.get("reduction"),
     )
     batched = batch_dims == 1
-    if m == 0 or n == 0 or (batched and b.shape[0] == 0):
+    if m_all == 0 or n_all == 0 or (batched and b.shape[0] == 0):
         result = _empty_result(opts, A, b, x_shape)
+        if red is not None:
+            result.info["allreduces"] = 1
         _apply_policy(result, policy, stacklevel=stacklevel)
         return result
     return _run(opts, solver, A, b, xp, stacklevel + 1)
 
 
+class _NeedsTorch(Exception):
+    """A product of a solve on numpy views returned a tensor that autograd tracks: the solve
+    runs again on torch tensors, so that ``x`` carries the graph as it would have."""
+
+
+#: dtypes of CPU torch data whose solves run on numpy views of its memory.
+_VIEW_DTYPES = ("torch.float32", "torch.float64", "torch.complex64", "torch.complex128")
+
+
+def _host_views(opts: SolveOptions, b) -> bool:
+    """Whether a solve runs its iteration on numpy views of ``b``'s memory: CPU torch data
+    (float32/64, complex64/128) without gradient, an own method (the scipy bridges convert
+    for themselves), no compiled iteration, no reduction over ranks.
+
+    The iteration is then the numpy one, which on the host is leaner than torch's (whose
+    per-call dispatch costs microseconds per vector operation); the products still run the
+    user's torch operator, on tensors that share the solver's memory (``torch.from_numpy``),
+    or, for a dense or sparse CPU torch matrix, numpy / scipy products on views of its data.
+    Tests force the torch iteration on CPU by patching this function to return False."""
+    if not _b.is_torch_array(b) or b.device.type != "cpu" or str(b.dtype) not in _VIEW_DTYPES:
+        return False
+    if b.requires_grad or b.is_conj() or b.is_neg() or opts.method.startswith("scipy."):
+        return False
+    if opts.compile or opts.reduction is not None:
+        return False
+    x0 = opts.x0
+    return x0 is None or not (x0.requires_grad or x0.is_conj() or x0.is_neg())
+
+
+def _np_view(y):
+    """The numpy view of a product's CPU tensor ``y``; _NeedsTorch when autograd tracks it."""
+    if y.requires_grad:
+        raise _NeedsTorch
+    if y.is_conj() or y.is_neg():
+        y = y.resolve_conj().resolve_neg()
+    return y.numpy()
+
+
+def _host_product(op: LinearOperator, checked, kind: str, convert: bool = True, name: str = "A", batched=None):
+    """A numpy -> numpy product of ``op`` (``kind`` "mv" or "rmv"), counted on ``op``: its
+    own numpy / scipy product where it has one (a numpy, scipy or CPU torch matrix), else
+    ``checked`` (the facade's checked product), with ``convert`` on a tensor sharing the
+    numpy memory. With ``batched`` (True or False) the product takes the solver's
+    ``(B, n)`` arrays (as :func:`_batched_product` makes them), in one call level."""
+    own = op._host_products() if hasattr(op, "_host_products") else None
+    f = None if own is None else own[0 if kind == "mv" else 1]
+    if f is not None:
+        # Its first output checked as every product's is (a matrix's always passes).
+        what = (f"{name}'s matvec" if kind == "mv" else f"{name}'s rmatvec") if name == "A" else name
+        m = op.shape[0 if kind == "mv" else 1]
+        is_mv = kind == "mv"
+        done = False
+
+        def g(X):
+            nonlocal done
+            if is_mv:
+                op.matvec_count += 1
+            else:
+                op.rmatvec_count += 1
+            x = X[0, ...] if batched is False else X
+            y = f(x)
+            if not done:
+                err = _product_error(what, y, x, tuple(x.shape[:-1]) + (m,))
+                if err is not None:
+                    raise err
+                done = True
+            return y[None, ...] if batched is False else y
+
+        return g
+    if checked is None or not convert:
+        product = checked
+    else:
+        from_numpy = _b._torch().from_numpy
+
+        def product(x):
+            return _np_view(checked(from_numpy(x)))
+
+    return product if batched is None else _batched_product(product, batched)
+
+
+class _HostView(_FacadeOperator):
+    """The operator a solve on numpy views sees: ``A``'s structure, numpy products (``mv``
+    and ``rmv`` serve for one and for many vectors alike)."""
+
+    def __init__(self, A: LinearOperator, mv, rmv, dtype):
+        self.A = A
+        self._fmv = self._fmatvec = mv
+        self._frmv = self._frmatvec = rmv
+        self._setup(A.shape, dtype=dtype, xp=_b.array_namespace(np.empty(0)), device="cpu",
+                    backend="numpy")
+
+
+def _run_host_views(opts: SolveOptions, solver: Solver, A: LinearOperator, b, stacklevel: int) -> SolveResult:
+    """:func:`_run` for CPU torch data (:func:`_host_views`), on numpy views of it; the
+    result holds tensors again (sharing the solver's memory)."""
+    torch = _b._torch()
+    batched = opts.batch_dims == 1
+    bn = b.numpy()
+    xp = _b.array_namespace(bn)
+    A_t = _FacadeOperator(A, "A", b)
+    mv = _host_product(A, A_t._fmv, "mv")
+    rmv = _host_product(A, A_t._frmv if A_t.has_rmatvec else None, "rmv")
+    psolve = None
+    if opts.M is not None:
+        psolve = _host_product(opts.M, _FacadeOperator(opts.M, "M", b)._fmv, "mv", name="M")
+    A_run = _HostView(A, mv, rmv, bn.dtype)
+    B = bn if batched else bn[None, ...]
+    X0 = None if opts.x0 is None else opts.x0.numpy()
+    if X0 is not None and not batched:
+        X0 = X0[None, ...]
+    callback = opts.callback
+    if callback is not None:
+        user_cb = callback
+
+        def callback(k, x, r):
+            user_cb(k, None if x is None else torch.from_numpy(x), torch.as_tensor(r))
+    if X0 is not None and not opts.fixed_budget:
+        zero_b = np.linalg.norm(B, axis=-1) == 0
+        if zero_b.any():
+            X0 = np.where(zero_b[:, None], np.zeros_like(X0), X0)
+    prob = Problem(
+        xp=xp, A=A_run,
+        mv=_host_product(A, A_t._fmv, "mv", batched=batched),
+        rmv=_host_product(A, A_t._frmv, "rmv", batched=batched) if rmv is not None else None,
+        psolve=None if psolve is None else _batched_product(psolve, batched),
+        b=B, x0=X0, rtol=opts.rtol, atol=opts.atol, maxiter=opts.maxiter,
+        callback=callback, check_every=opts.check_every, divtol=opts.divtol, batched=batched,
+        options=dict(opts.method_options), dtype=B.dtype, real_dtype=_b.real_dtype(xp, B.dtype),
+        device="cpu",
+    )
+    mv0, rmv0 = A.matvec_count, A.rmatvec_count
+    out = run_scaled(solver, prob)
+    out.x = torch.from_numpy(np.asarray(out.x))
+    if out.info:
+        out.info = {
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) and v.dtype.kind in "fc" else v
+            for k, v in out.info.items()
+        }
+    result = _to_result(out, prob, opts.method, A.matvec_count - mv0, A.rmatvec_count - rmv0)
+    _apply_policy(result, opts.on_failure, stacklevel=stacklevel)
+    return result
+
+
 def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp, stacklevel: int = 3) -> SolveResult:
+    red = opts.reduction
+    # The collectives of the solve: the global size's (made before this call), and from here.
+    red_before = None if red is None else red.allreduces - 1
+    if _host_views(opts, b):
+        counts = [(op, op.matvec_count, op.rmatvec_count) for op in (A, opts.M) if op is not None]
+        try:
+            return _run_host_views(opts, solver, A, b, stacklevel + 1)
+        except _NeedsTorch:
+            # A product is tracked by autograd: solve on the tensors themselves (from the
+            # start, the products counted again from where they were).
+            for op, mvc, rmvc in counts:
+                op.matvec_count, op.rmatvec_count = mvc, rmvc
     batched = opts.batch_dims == 1
     # Half precision: iterate in float32 (inner products, norms and the small dense algebra
     # of float16 lose the solve); the products still run in the operator's own dtype.
@@ -700,28 +1085,45 @@ def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp, stackleve
     if X0 is not None and not opts.fixed_budget:
         # As scipy does: x = 0 solves a system whose right-hand side is zero, and is what a
         # zero threshold max(rtol * 0, atol) can be met by; start such systems there.
-        zero_b = xp.linalg.vector_norm(B, axis=-1) == 0
+        if opts.reduction is None:
+            zero_b = xp.linalg.vector_norm(B, axis=-1) == 0
+        else:  # the norm over all ranks, so that all take the same decision
+            with using_reduction(opts.reduction):
+                zero_b = safe_norm(xp, B) == 0
         if bool(xp.any(zero_b)):  # only then: x0 is otherwise passed on as given, not copied
             X0 = xp.where(zero_b[:, None], xp.zeros_like(X0), X0)
     dtype = B.dtype
+    mv, rmv = A_run._fmv, A_run._frmv if A_run.has_rmatvec else None
+    if work is None and isinstance(b, np.ndarray) and hasattr(A, "_host_products"):
+        # A numpy or scipy matrix: its own products, counted, in one call level.
+        mv = _host_product(A, mv, "mv", convert=False, batched=batched)
+        rmv = _host_product(A, rmv, "rmv", convert=False, batched=batched) if rmv is not None else None
+    else:
+        mv = _batched_product(mv, batched)
+        rmv = _batched_product(rmv, batched) if rmv is not None else None
     prob = Problem(
         xp=xp, A=A_run,
         # The checked products themselves, not the facade operator's methods: one call level
         # fewer per product.
-        mv=_batched_product(A_run._fmv, batched),
-        rmv=_batched_product(A_run._frmv, batched) if A_run.has_rmatvec else None,
+        mv=mv, rmv=rmv,
         psolve=None if M_run is None else _batched_product(M_run._fmv, batched),
         b=B, x0=X0, rtol=opts.rtol, atol=opts.atol, maxiter=opts.maxiter,
         callback=callback, check_every=opts.check_every, divtol=opts.divtol, batched=batched,
         options=dict(opts.method_options), dtype=dtype, real_dtype=_b.real_dtype(xp, dtype),
-        device=_b.device_of(b),
+        device=_b.device_of(b), compile=opts.compile, reduction=opts.reduction,
     )
     mv0, rmv0 = A.matvec_count, A.rmatvec_count
     out = run_scaled(solver, prob)
     if work is not None:
         out.x = xp.astype(out.x, b.dtype)
-        _recheck_rounded(out, prob, b.dtype)
+        if prob.reduction is None:
+            _recheck_rounded(out, prob, b.dtype)
+        else:  # the residual's norm over all ranks
+            with using_reduction(prob.reduction):
+                _recheck_rounded(out, prob, b.dtype)
     result = _to_result(out, prob, opts.method, A.matvec_count - mv0, A.rmatvec_count - rmv0)
+    if red is not None:
+        result.info["allreduces"] = red.allreduces - red_before
     _apply_policy(result, opts.on_failure, stacklevel=stacklevel)  # the line that called solve()
     return result
 

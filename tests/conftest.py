@@ -29,7 +29,20 @@ def _has_cuda():
         return False
 
 
+def _torch_case(item):
+    """Whether a test item is parametrized with the torch CPU backend and no scipy bridge (the
+    bridges hand numpy to scipy whatever the route)."""
+    callspec = getattr(item, "callspec", None)
+    values = [] if callspec is None else [v for v in callspec.params.values() if isinstance(v, str)]
+    return "torch" in values and not any(v.startswith("scipy.") for v in values)
+
+
 def pytest_collection_modifyitems(config, items):
+    # Modules with TORCH_ONLY = True (test_torch_iteration.py) keep their torch cases only.
+    keep = [it for it in items if not getattr(it.module, "TORCH_ONLY", False) or _torch_case(it)]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+        items[:] = keep
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     runslow = config.getoption("--runslow")

@@ -18,6 +18,7 @@ LAYERS = [
     ("linsolve_rbp._result", "linsolve_rbp._validate"),
     ("linsolve_rbp._warnings",),
     ("linsolve_rbp.operators",),
+    ("linsolve_rbp.distributed",),
     ("linsolve_rbp.solvers",),
     ("linsolve_rbp.solve", "linsolve_rbp.diagnostics"),
     ("linsolve_rbp",),  # the package's public names (its __init__)

@@ -17,6 +17,10 @@ from linsolve_rbp.solvers._base import Monitor, Problem
 
 from registry import optional
 
+import importlib
+
+lsolve = importlib.import_module("linsolve_rbp.solve")
+
 torch = optional("torch")
 xs = optional("array_api_strict")
 
@@ -30,13 +34,14 @@ def _spd(n=40, seed=0, spread=0.9):
     return A, rng.standard_normal(n)
 
 
-def _close(r1, r2, rtol=1e-8):
-    """Same status and products to within one iteration, x to rounding: the paths round
+def _close(r1, r2, rtol=1e-8, check_every=1):
+    """Same status and products to within one check, x to rounding: the paths round
     differently (BLAS inner products and axpy against array expressions), which can move a
-    stop that falls on the tolerance by one iteration, never more."""
+    stop that falls on the tolerance by one iteration, and so the check that sees it by
+    ``check_every`` iterations, never more."""
     assert r1.status == r2.status
-    assert abs(r1.iterations - r2.iterations) <= 1
-    assert abs((r1.matvecs + r1.rmatvecs) - (r2.matvecs + r2.rmatvecs)) <= 2
+    assert abs(r1.iterations - r2.iterations) <= check_every
+    assert abs((r1.matvecs + r1.rmatvecs) - (r2.matvecs + r2.rmatvecs)) <= 2 * check_every
     x1, x2 = np.asarray(r1.x, dtype=float), np.asarray(r2.x, dtype=float)
     assert np.allclose(x1, x2, rtol=rtol, atol=rtol * np.abs(x1).max())
 
@@ -59,7 +64,7 @@ def test_single_system_matches_generic_path(monkeypatch, method, check_every):
     monkeypatch.setattr(C, "is_host", lambda xp: False)
     generic = lr.solve(A, b, **kw)
     assert lean.converged
-    _close(lean, generic)
+    _close(lean, generic, check_every=check_every)
     # The histories agree until rounding differences grow (late in the normal-equation
     # methods, whose recurrences amplify them as kappa^2): compare the first half.
     n = min(len(_hist(lean)), len(_hist(generic))) // 2
@@ -181,6 +186,8 @@ def test_no_per_iteration_sync_with_check_every(monkeypatch, method, batched):
     if batched:
         bt = torch.stack([bt, 0.5 * bt])
     kw = dict(method=method, rtol=1e-12, maxiter=200, batch_dims=int(batched))
+    # The torch iteration itself (CPU data would otherwise run on numpy views).
+    monkeypatch.setattr(lsolve, "_host_views", lambda opts, b: False)
     lr.solve(At, bt, check_every=10, **kw)  # warm (first-product checks, caches)
     counts = {}
     for k in (10, 50):
@@ -188,6 +195,7 @@ def test_no_per_iteration_sync_with_check_every(monkeypatch, method, batched):
         res = lr.solve(At, bt, check_every=k, **kw)
         counts[k] = (c.n, res.iterations)
         monkeypatch.undo()
+        monkeypatch.setattr(lsolve, "_host_views", lambda opts, b: False)
     (n10, it10), (n50, _) = counts[10], counts[50]
     assert it10 >= 30, "the problem must take enough iterations for the count to mean something"
     # A read per iteration would give at least it10 reads.
@@ -282,3 +290,153 @@ def test_lean_benchmark_runs_at_toy_size(capsys):
         assert ours > 0 and peer > 0 and p_ours > 0 and p_peer > 0
     lean._print(rows)
     assert "overhead 1ms cg" in capsys.readouterr().out
+
+
+# -- CPU torch data on numpy views; matrix products without layers --------------------------
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("method", ["cg", "gmres", "bicgstab", "minres", "lsqr", "cgne", "neumann", "fixed_point"])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "closure"])
+def test_torch_cpu_on_numpy_views_matches_torch_iteration(monkeypatch, method, kind):
+    """CPU torch data runs the numpy iteration on views of its memory: the same result as
+    the torch iteration (statuses, products to within one iteration, x to rounding), with
+    tensors in the result and in the callback."""
+    A, b = _spd(n=30, seed=7, spread=0.8)
+    At, bt = torch.from_numpy(A), torch.from_numpy(b)
+    if kind == "sparse":
+        op = At.to_sparse_csr()
+    elif kind == "closure":
+        op = lr.LinearOperator((30, 30), matvec=lambda v: v @ At.T, rmatvec=lambda v: v @ At, like=bt,
+                               symmetric=True)
+    else:
+        op = At
+    seen = []
+    kw = dict(method=method, rtol=1e-10, callback=lambda k, x, r: seen.append((type(x), type(r))))
+    views = lr.solve(op, bt, **kw)
+    assert isinstance(views.x, torch.Tensor) and views.x.dtype == torch.float64
+    assert seen and all(tx in (torch.Tensor, type(None)) and tr is torch.Tensor for tx, tr in seen)
+    monkeypatch.setattr(lsolve, "_host_views", lambda opts, b: False)
+    direct = lr.solve(op, bt, **kw)
+    assert views.converged and direct.converged
+    _close(views, direct, rtol=1e-7)
+    assert np.allclose(views.x.numpy(), np.linalg.solve(A, b), rtol=1e-6)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_torch_views_fall_back_when_products_need_a_graph():
+    """An operator whose products autograd tracks: the solve runs on the tensors (x carries
+    autograd's record, as it did before numpy views), and the products are counted once."""
+    A, b = _spd(n=20, seed=8)
+    At, bt = torch.from_numpy(A), torch.from_numpy(b)
+    w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    op = lr.LinearOperator((20, 20), matvec=lambda v: w * (v @ At.T), like=bt, symmetric=True)
+    res = lr.solve(op, bt, method="cg", rtol=1e-10)
+    assert res.converged and res.x.requires_grad and res.matvecs == op.matvec_count
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_torch_inputs_are_not_written_by_the_views():
+    A, b = _spd(n=25, seed=9)
+    At, bt, x0 = torch.from_numpy(A.copy()), torch.from_numpy(b.copy()), torch.ones(25, dtype=torch.float64)
+    for method in ("cg", "gmres", "bicgstab", "minres", "lsqr", "neumann"):
+        lr.solve(At, bt, method=method, x0=x0, rtol=1e-8, maxiter=3)
+        assert np.array_equal(bt.numpy(), b) and np.array_equal(At.numpy(), A)
+        assert torch.equal(x0, torch.ones(25, dtype=torch.float64))
+
+
+def test_sparse_symmetry_tag_is_kept_per_matrix_and_renewed_on_change():
+    sp = pytest.importorskip("scipy.sparse")
+    A, _ = _spd(n=12, seed=10)
+    S = sp.csr_matrix(A)
+    assert lr.aslinearoperator(S).symmetric is True
+    ident = id(S)
+    assert ident in lsolve.aslinearoperator.__globals__["_SYMMETRY_TAGS"]
+    S.data[0] += 1.0  # S[0, 0]: still symmetric
+    assert lr.aslinearoperator(S).symmetric is True
+    S[0, 1] = S[0, 1] + 5.0  # no longer symmetric: the checksum changed
+    assert lr.aslinearoperator(S).symmetric is False
+    with pytest.raises(ValueError, match="symmetric"):
+        lr.solve(S, np.ones(12), method="cg")
+    if torch is not None:
+        T = torch.from_numpy(A).to_sparse_csr()
+        assert lr.aslinearoperator(T).symmetric is True
+        T.values()[1] += 3.0  # in place: the version counter moves
+        assert lr.aslinearoperator(T).symmetric is False
+
+
+def test_sparse_transpose_is_formed_on_first_use():
+    sp = pytest.importorskip("scipy.sparse")
+    M = sp.random(15, 15, density=0.3, random_state=1, format="csr") + sp.eye(15)
+    op = lr.aslinearoperator(M)
+    assert "_SH_" not in op.__dict__
+    x = np.arange(15.0)
+    assert np.allclose(op.matvec(x), M @ x) and "_SH_" not in op.__dict__
+    assert np.allclose(op.rmatvec(x), M.T @ x)
+    res = lr.solve(M, np.ones(15), method="lsqr", rtol=1e-10)
+    assert res.converged and np.allclose(M @ res.x, np.ones(15), atol=1e-8)
+
+
+# -- the fixed-budget series of the DEQ backward -------------------------------------------
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_series_is_the_full_path_result(method, batch_dims):
+    """PreparedSolve.series on T's products gives what the full path gives on I - T: status,
+    iterations, products, residual history and x (to rounding: one subtraction fewer)."""
+    rng = np.random.default_rng(11)
+    T = torch.from_numpy(0.5 * rng.standard_normal((16, 16)) / 4)
+    b = torch.from_numpy(rng.standard_normal((3, 16) if batch_dims else 16))
+    prep = lsolve.PreparedSolve(method, {"rtol": None, "atol": None, "maxiter": 9, "batch_dims": batch_dims})
+    assert prep.can_series
+    lean = prep.series(lambda v: v @ T, b)
+    A = lr.IdentityOperator(16, like=b[0] if batch_dims else b) - lr.aslinearoperator(T.T)
+    full = prep(A, b)
+    assert lean is not None and lean.status is full.status is lr.Status.COMPLETED
+    assert (lean.iterations, lean.matvecs, lean.rmatvecs) == (full.iterations, full.matvecs, full.rmatvecs)
+    assert np.allclose(lean.residual_history, full.residual_history, rtol=1e-10)
+    assert np.allclose(lean.residual_norm, full.residual_norm, rtol=1e-10)
+    assert torch.allclose(lean.x, full.x, rtol=1e-12, atol=1e-12)
+    assert type(lean.converged) is type(full.converged) and lean.message.split("(")[0] == full.message.split("(")[0]
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_series_leaves_unusual_terms_to_the_full_path():
+    b = torch.ones(8, dtype=torch.float64)
+    prep = lsolve.PreparedSolve("neumann", {"rtol": None, "atol": None, "maxiter": 5})
+    assert prep.series(lambda v: 2.0 * v, b) is None  # terms grow: the full path notes it
+    assert prep.series(lambda v: v * float("nan"), b) is None
+    assert prep.series(lambda v: 0.5 * v, 1e-30 * b) is None  # scaled by the full path
+    assert prep.series(lambda v: 0.5 * v, b.float()) is not None
+    assert prep.series(lambda v: 0.5 * v, b.half()) is None
+    for opts in ({"rtol": 1e-6}, {"rtol": None, "atol": None, "maxiter": 5, "callback": print},
+                 {"rtol": None, "atol": None, "maxiter": 5, "check_every": 2}):
+        assert not lsolve.PreparedSolve("neumann", opts).can_series
+    assert not lsolve.PreparedSolve("gmres", {"rtol": None, "atol": None, "maxiter": 5}).can_series
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("method", ["neumann", "fixed_point"])
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_layer_backward_series_matches_full_solve(method, batch_dims):
+    """fixed_point's fixed-budget backward on the VJPs themselves (the series) gives the
+    gradients and the result of the full solve (forced here by check_every=2, which the
+    series does not take)."""
+    from linsolve_rbp.adapters import torch as lrt
+
+    gen = torch.Generator().manual_seed(3)
+    W = (0.3 * torch.randn(6, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+
+    def run(check_every):
+        W.grad = None
+        backward = {"method": method, "rtol": None, "atol": None, "maxiter": 7, "check_every": check_every}
+        h, info = lrt.fixed_point(lambda h: torch.tanh(h @ W.T + x), torch.zeros(4, 6, dtype=torch.float64),
+                                  backward=backward, batch_dims=batch_dims, return_info=True)
+        (h * g).sum().backward()
+        return W.grad.clone(), info.backward
+
+    (g1, r1), (g2, r2) = run(1), run(2)
+    assert r1.status is r2.status is lr.Status.COMPLETED
+    assert (r1.iterations, r1.matvecs) == (r2.iterations, r2.matvecs)
+    assert np.allclose(r1.residual_history, r2.residual_history, rtol=1e-10)
+    assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-14)

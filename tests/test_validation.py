@@ -74,7 +74,7 @@ def test_unknown_option_lists_everything_and_suggests():
     msg = str(info.value)
     assert "method 'gmres' got unknown option 'restrat' (did you mean 'restart'?)" in msg
     accepted = msg.split("it accepts: ")[1].split(", ")
-    assert set(accepted) == set(COMMON_OPTIONS) | {"restart"}
+    assert set(accepted) == set(COMMON_OPTIONS) | {"restart", "orthogonalization"}
     with pytest.raises(TypeError, match=r"'tol' \(did you mean 'rtol'\?\)"):
         check_options("gmres", {"tol": 1e-5})
     with pytest.raises(TypeError, match=r"did you mean 'rtol'.*it accepts: .*restart"):
@@ -170,7 +170,7 @@ def test_solve_builds_one_frozen_options_object(monkeypatch):
     assert isinstance(opts, SolveOptions)
     assert (opts.method, opts.rtol, opts.atol, opts.maxiter, opts.on_failure, opts.throw) == (
         "gmres", 1e-8, 0.0, 30, "raise", True)
-    assert dict(opts.method_options) == {"restart": 7}
+    assert dict(opts.method_options) == {"restart": 7, "orthogonalization": "cgs2"}
     with pytest.raises(Exception):
         opts.rtol = 1.0
     with pytest.raises(TypeError):

@@ -15,6 +15,7 @@ unvalidated ``_mv`` / ``_rmv``, so ``(I - J.T).matvec(u)`` checks ``u`` once and
 from __future__ import annotations
 
 import numbers
+import weakref
 
 from .. import backend as _b
 from .._validate import boolean, nonnegative_int
@@ -766,6 +767,39 @@ class DenseOperator(_MatrixOperator):
     def _rmatvec(self, x):
         return _apply(self._MH, self._MHT, x)
 
+    def _host_products(self):
+        """``(mv, rmv)`` on numpy arrays for a numpy matrix, or a CPU torch matrix without
+        gradient (numpy views of its memory, so they see in-place changes), else None: the
+        products without the operator's layers of calls. See
+        :func:`linsolve_rbp.solve._host_views`."""
+        import numpy as np
+
+        M = self.M
+        if isinstance(M, np.ndarray):
+            key = None
+        elif not _b.is_torch_array(M) or M.device.type != "cpu" or M.requires_grad:
+            return None
+        else:
+            key = (M._version, M.data_ptr())
+        cached = getattr(self, "_host_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            Mn = _b.to_numpy(M)
+        except (TypeError, RuntimeError):
+            return None
+        MHn = Mn.conj().T if Mn.dtype.kind == "c" else Mn.T
+        Mt, MHt = Mn.T, MHn.T
+
+        def mv(x):
+            return Mn @ x if x.ndim == 1 else x @ Mt
+
+        def rmv(x):
+            return MHn @ x if x.ndim == 1 else x @ MHt
+
+        self._host_cache = (key, (mv, rmv))
+        return mv, rmv
+
     def to_dense(self, like=None):
         return self.M
 
@@ -787,7 +821,8 @@ class DenseOperator(_MatrixOperator):
 
 
 class _SparseMatrixOperator(_MatrixOperator):
-    """A sparse matrix ``S`` and its conjugate transpose ``_SH``, applied by ``_sp``."""
+    """A sparse matrix ``S`` and its conjugate transpose ``_SH`` (formed on first use: the
+    methods that need only ``S x`` never pay for it), applied by ``_sp``."""
 
     def _matvec(self, x):
         return self._sp(self.S, x)
@@ -795,14 +830,55 @@ class _SparseMatrixOperator(_MatrixOperator):
     def _rmatvec(self, x):
         return self._sp(self._SH, x)
 
+    @property
+    def _SH(self):
+        SH = self.__dict__.get("_SH_")
+        if SH is None:
+            SH = self.__dict__["_SH_"] = self._conj_transpose()
+        return SH
+
+    def _detect_symmetric(self):
+        # The check reads all of S and forms S^H: its result is kept for the matrix the user
+        # passed (a raw matrix is wrapped anew by every solve), as long as that matrix keeps
+        # its data (see _matrix_key).
+        key = self._matrix_key()
+        if key is not None:
+            hit = _SYMMETRY_TAGS.get(key[0])
+            if hit is not None and hit[0]() is self._source and hit[1] == key[1]:
+                return hit[2]
+        tag = self._check_symmetric()
+        if key is not None:
+            ident = key[0]
+            try:
+                ref = weakref.ref(self._source, lambda _r, ident=ident: _SYMMETRY_TAGS.pop(ident, None))
+            except TypeError:
+                return tag
+            _SYMMETRY_TAGS[ident] = (ref, key[1], tag)
+        return tag
+
+    def _matrix_key(self):
+        return None
+
+
+#: Symmetry tags of sparse matrices users passed: ``id(matrix) -> (weakref, fingerprint,
+#: tag)``; an entry goes when its matrix is collected, and is ignored once the fingerprint
+#: (shape, dtype, number of entries, where the arrays are, a version counter or a checksum
+#: of the values) changes. A tag is a courtesy check (cg and minres refuse a matrix tagged
+#: not symmetric): a result's claims always rest on its true residual.
+_SYMMETRY_TAGS: dict = {}
+
+
+def _ptr(a):
+    return a.__array_interface__["data"][0]
+
 
 class SparseOperator(_SparseMatrixOperator):
     """A scipy.sparse or cupyx.scipy.sparse matrix as an operator (stored as CSR)."""
 
     def __init__(self, S):
+        self._source = S
         S = S.tocsr()
         self.S = S
-        self._SH = S.conj().T.tocsr() if S.dtype.kind == "c" else S.T.tocsr()
         data = S.data
         xp = _b.array_namespace(data)
         if not _b.is_floating_dtype(xp, data.dtype):
@@ -811,6 +887,30 @@ class SparseOperator(_SparseMatrixOperator):
                 "cast it with .astype(float)"
             )
         self._setup(S.shape, dtype=data.dtype, xp=xp, device=_b.device_of(data), backend=_b.backend_name(data))
+
+    def _conj_transpose(self):
+        S = self.S
+        return S.conj().T.tocsr() if S.dtype.kind == "c" else S.T.tocsr()
+
+    def _host_products(self):
+        """``(mv, rmv)`` on numpy arrays for a scipy matrix: scipy's CSR kernel called
+        directly (its ``S @ x`` spends some microseconds in Python before it), else None."""
+        import numpy as np
+
+        S = self.S
+        if not isinstance(S.data, np.ndarray):
+            return None
+        cached = self.__dict__.get("_host_cache")
+        if cached is None:
+            AH = []
+
+            def rmv(x):
+                if not AH:
+                    AH.append(_csr_product(self._SH))
+                return AH[0](x)
+
+            cached = self._host_cache = ((_csr_product(S), rmv),)
+        return cached[0]
 
     @staticmethod
     def _sp(S, x):
@@ -821,7 +921,17 @@ class SparseOperator(_SparseMatrixOperator):
     def to_dense(self, like=None):
         return self.S.toarray()
 
-    def _detect_symmetric(self):
+    def _matrix_key(self):
+        S = self.S
+        import numpy as np
+
+        if not isinstance(S.data, np.ndarray):
+            return None  # cupyx: no fingerprint without a device pass
+        fp = (S.shape, str(S.dtype), S.nnz, _ptr(S.data), _ptr(S.indices), _ptr(S.indptr),
+              float(np.add.reduce(S.data, dtype=np.complex128 if S.dtype.kind == "c" else np.float64)))
+        return id(self._source), fp
+
+    def _check_symmetric(self):
         m, n = self.shape
         if m != n:
             return False
@@ -837,7 +947,8 @@ class SparseOperator(_SparseMatrixOperator):
 
 
 class TorchSparseOperator(_SparseMatrixOperator):
-    """A sparse torch tensor (COO or CSR) as an operator (stored as CSR)."""
+    """A sparse torch tensor (COO or CSR) as an operator (stored as CSR; a CSR tensor is used
+    as it is, without a copy)."""
 
     def __init__(self, S):
         torch = _b.import_optional("torch", "torch sparse operators")
@@ -845,17 +956,23 @@ class TorchSparseOperator(_SparseMatrixOperator):
             raise ValueError(f"the sparse tensor must be 2-D, got shape {tuple(S.shape)}")
         if not (S.dtype.is_floating_point or S.dtype.is_complex):
             raise TypeError(f"the sparse tensor must have a floating dtype, got {S.dtype}")
-        coo = S.to_sparse_coo().coalesce() if S.layout != torch.sparse_coo else S.coalesce()
-        self.S = coo.to_sparse_csr()
-        ST = coo.t().coalesce()
-        if S.dtype.is_complex:
-            ST = ST.conj().resolve_conj()
-        self._SH = ST.to_sparse_csr()
+        self._source = S
+        if S.layout == torch.sparse_csr:
+            self.S = S
+        else:
+            coo = S.to_sparse_coo().coalesce() if S.layout != torch.sparse_coo else S.coalesce()
+            self.S = coo.to_sparse_csr()
         dense_like = torch.empty(0, dtype=S.dtype, device=S.device)
         self._setup(
             tuple(S.shape), dtype=S.dtype, xp=_b.array_namespace(dense_like),
             device=S.device, backend="torch",
         )
+
+    def _conj_transpose(self):
+        ST = self.S.to_sparse_coo().coalesce().t().coalesce()
+        if self.S.dtype.is_complex:
+            ST = ST.conj().resolve_conj()
+        return ST.to_sparse_csr()
 
     @staticmethod
     def _sp(S, x):
@@ -863,10 +980,45 @@ class TorchSparseOperator(_SparseMatrixOperator):
             return S.mv(x)  # the sparse matrix-vector kernel, without a (n, 1) matrix product
         return (S @ x.T).T
 
+    def _host_products(self):
+        """``(mv, rmv)`` on numpy arrays for a CPU sparse tensor without gradient: scipy CSR
+        products on views of its arrays (scipy's CPU kernel is several times faster than
+        torch's; a view sees in-place changes of the values), else None. See
+        :func:`linsolve_rbp.solve._host_views`."""
+        S = self.S
+        if S.device.type != "cpu" or S.requires_grad:
+            return None
+        cached = self.__dict__.get("_host_cache")
+        if cached is None:
+            A = _scipy_view(S)
+            if A is None:
+                cached = (None,)
+            else:
+                AH = []
+
+                def mv(x):
+                    return A @ x if x.ndim == 1 else (A @ x.T).T
+
+                def rmv(x):
+                    if not AH:  # S^H formed on the first product with it
+                        AH.append(_scipy_view(self._SH))
+                    M = AH[0]
+                    return M @ x if x.ndim == 1 else (M @ x.T).T
+
+                cached = ((mv, rmv),)
+            self._host_cache = cached
+        return cached[0]
+
     def to_dense(self, like=None):
         return self.S.to_dense()
 
-    def _detect_symmetric(self):
+    def _matrix_key(self):
+        S = self.S
+        fp = (tuple(S.shape), str(S.dtype), S.device.type, S._version, S.values().data_ptr(),
+              S.crow_indices().data_ptr(), S.col_indices().data_ptr(), S.values().numel())
+        return id(self._source), fp
+
+    def _check_symmetric(self):
         m, n = self.shape
         if m != n:
             return False
@@ -880,6 +1032,52 @@ class TorchSparseOperator(_SparseMatrixOperator):
         except (TypeError, ValueError, RuntimeError, NotImplementedError):
             return None
         return _close_to_zero(diff, scale, _tiny(self.xp, self.dtype))
+
+
+def _csr_product(S):
+    """``x -> S x`` (``X S^T`` for a batch of rows) for a scipy CSR matrix ``S``: for a
+    contiguous vector of ``S``'s dtype, scipy's CSR kernel called directly, else ``S @ x``."""
+    import numpy as np
+
+    def slow(x):
+        return S @ x if x.ndim == 1 else (S @ x.T).T
+
+    try:
+        from scipy.sparse._sparsetools import csr_matvec
+    except ImportError:  # pragma: no cover - a scipy without that module
+        return slow
+    m, n = S.shape
+    dtype = S.data.dtype
+    if dtype not in (np.float32, np.float64, np.complex64, np.complex128) or S.indptr.dtype != S.indices.dtype:
+        return slow
+
+    def mv(x):
+        if x.ndim != 1 or x.dtype != dtype or not x.flags.c_contiguous:
+            return slow(x)
+        y = np.zeros(m, dtype=dtype)
+        # S's arrays read at each product: the matrix's current ones.
+        csr_matvec(m, n, S.indptr, S.indices, S.data, x, y)
+        return y
+
+    return mv
+
+
+def _scipy_view(S):
+    """A scipy CSR matrix on a view of the values of the CPU torch CSR tensor ``S`` (its
+    index arrays copied to int32 where they fit: scipy's product is faster on those), or
+    None."""
+    try:
+        import scipy.sparse as sp
+
+        vals = S.values()
+        if vals.is_conj():
+            vals = vals.resolve_conj()
+        data = vals.detach().numpy()
+        indices = S.col_indices().numpy()
+        indptr = S.crow_indices().numpy()
+        return sp.csr_matrix((data, indices, indptr), shape=tuple(S.shape), copy=False)
+    except (ImportError, TypeError, ValueError, RuntimeError, AttributeError):
+        return None
 
 
 class ScipyOperator(_MatrixOperator):

@@ -12,10 +12,20 @@ from ._base import (
     Outcome,
     Problem,
     Solver,
+    all_ranks,
+    allreduce_max,
+    allreduce_sum,
+    current_reduction,
     dot,
+    local_dot,
     norm,
     safe_norm,
+    using_reduction,
     verified_rounds,
 )
 
-__all__ = ["Solver", "Problem", "Monitor", "Outcome", "dot", "norm", "safe_norm", "verified_rounds"]
+__all__ = [
+    "Solver", "Problem", "Monitor", "Outcome", "dot", "norm", "safe_norm", "verified_rounds",
+    "local_dot", "allreduce_sum", "allreduce_max", "all_ranks", "current_reduction",
+    "using_reduction",
+]

@@ -6,12 +6,19 @@ ordinary solve) and ``prob.mv`` / ``prob.rmv`` / ``prob.psolve`` act on ``(B, n)
 products and norms are per row (:func:`dot`, :func:`norm`). Solvers get array functions only
 from ``prob.xp``, never from numpy, torch or cupy. They never write into ``prob.b`` or
 ``prob.x0``.
+
+Inner products and norms go through the reduction of the solve (see
+:mod:`linsolve_rbp.distributed`): :func:`dot`, :func:`norm`, :func:`safe_norm` and
+:func:`allreduce_sum` return global values when the vectors are shards of global ones, so a
+solver written with them runs unchanged on a vector split across processes. Without a
+reduction (the default) they are the local computations, with no extra cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +30,8 @@ from .._validate import COMMON_OPTIONS, check_kind, unknown_option
 
 __all__ = [
     "Problem", "Monitor", "Outcome", "Solver", "dot", "is_host", "norm", "safe_norm", "run_scaled", "verified_rounds",
-    "RUNNING",
+    "RUNNING", "local_dot", "allreduce_sum", "allreduce_max", "all_ranks", "current_reduction",
+    "using_reduction",
 ]
 
 RUNNING = -1
@@ -61,8 +69,63 @@ def _vecdot_of(xp):
     return f
 
 
-def dot(xp, u, v):
-    """Per-row inner products ``<u_i, v_i> = sum conj(u_i) v_i`` of ``(B, n)`` arrays.
+# -- the reduction of the running solve ------------------------------------------------------
+# Solves given a reduction (``solve(..., reduction=...)``) run inside :func:`using_reduction`,
+# which records it for the calling thread. ``_GIVEN`` counts those solves over all threads:
+# while it is zero (every solve without a reduction) the functions below test one module
+# global and do the local computation, nothing more.
+_GIVEN = 0
+_GIVEN_LOCK = threading.Lock()
+_TLS = threading.local()
+
+
+def _given():
+    """The reduction given to the solve running in this thread, or None."""
+    if _GIVEN:
+        return getattr(_TLS, "reduction", None)
+    return None
+
+
+def current_reduction():
+    """The reduction of the solve running now in this thread: the one given to
+    :func:`linsolve_rbp.solve` as ``reduction=``, or :data:`linsolve_rbp.distributed.LOCAL`
+    (one process, no communication) when none was given."""
+    red = _given()
+    if red is None:
+        from ..distributed import LOCAL
+
+        return LOCAL
+    return red
+
+
+class using_reduction:
+    """Context manager: run the code inside with ``reduction`` as the reduction of this
+    thread (None: none, the local computations). Nests; restores the previous one on exit."""
+
+    __slots__ = ("reduction", "_prev")
+
+    def __init__(self, reduction):
+        self.reduction = reduction
+
+    def __enter__(self):
+        global _GIVEN
+        self._prev = getattr(_TLS, "reduction", None)
+        _TLS.reduction = self.reduction
+        with _GIVEN_LOCK:
+            _GIVEN += 1
+        return self.reduction
+
+    def __exit__(self, *exc):
+        global _GIVEN
+        _TLS.reduction = self._prev
+        with _GIVEN_LOCK:
+            _GIVEN -= 1
+        return False
+
+
+def local_dot(xp, u, v):
+    """Per-row inner products ``<u_i, v_i> = sum conj(u_i) v_i`` of ``(B, n)`` arrays, of the
+    entries held here (no reduction).
 
     One fused call (``vecdot``: BLAS on numpy, one kernel on torch) where the namespace has
     it, no temporary ``(B, n)`` product."""
@@ -72,6 +135,58 @@ def dot(xp, u, v):
     if xp.isdtype(u.dtype, "complex floating"):
         u = xp.conj(u)
     return xp.sum(u * v, axis=-1)
+
+
+def dot(xp, u, v):
+    """Per-row inner products ``<u_i, v_i> = sum conj(u_i) v_i`` of ``(B, n)`` arrays, summed
+    over the ranks of the solve's reduction (one collective); :func:`local_dot` without
+    one."""
+    # local_dot's body, not a call to it: one call level fewer on the local path.
+    vecdot = _vecdot_of(xp)
+    if vecdot is not None:
+        d = vecdot(u, v)
+    else:
+        d = xp.sum((xp.conj(u) if xp.isdtype(u.dtype, "complex floating") else u) * v, axis=-1)
+    if _GIVEN:
+        red = getattr(_TLS, "reduction", None)
+        if red is not None:
+            (d,) = red.allreduce_sum(xp, (d,))
+    return d
+
+
+def allreduce_sum(xp, *arrays) -> tuple:
+    """The elementwise sums over the ranks of the solve's reduction of each array, made by
+    ONE collective (the arrays are packed into one buffer); the arrays themselves, as a
+    tuple, without a reduction. For a method that fuses the inner products of an iteration:
+    ``rr, rw = allreduce_sum(xp, local_dot(xp, r, r), local_dot(xp, r, w))``."""
+    if _GIVEN:
+        red = getattr(_TLS, "reduction", None)
+        if red is not None:
+            return tuple(red.allreduce_sum(xp, arrays))
+    return arrays
+
+
+def allreduce_max(xp, *arrays) -> tuple:
+    """As :func:`allreduce_sum`, with the elementwise maximum (real arrays)."""
+    if _GIVEN:
+        red = getattr(_TLS, "reduction", None)
+        if red is not None:
+            return tuple(red.allreduce_max(xp, arrays))
+    return arrays
+
+
+def all_ranks(xp, mask, *masks):
+    """``mask`` (an array of bools) where it holds on every rank of the solve's reduction:
+    for decisions taken on local data (is every entry of this row finite?), so that all
+    ranks take the same one. ``mask`` itself without a reduction. Given several masks, the
+    tuple of theirs, from one collective."""
+    red = _given()
+    if red is None:
+        return (mask, *masks) if masks else mask
+    # One collective: the largest "does not hold" over the ranks.
+    bad = red.allreduce_max(xp, [xp.astype(~m, xp.float32) for m in (mask, *masks)])
+    out = tuple(v == 0 for v in bad)
+    return out if masks else out[0]
 
 
 def is_host(xp) -> bool:
@@ -87,19 +202,46 @@ def norm(xp, v):
 
     Not guarded against overflow or underflow: the solvers run on right-hand sides scaled to
     a largest magnitude in [1, 2) (:func:`run_scaled`), where it is exact enough and one
-    pass. Use :func:`safe_norm` on data of any scale."""
+    pass. Use :func:`safe_norm` on data of any scale. Reduced over the ranks of the solve's
+    reduction (one collective)."""
+    if _GIVEN:
+        red = getattr(_TLS, "reduction", None)
+        if red is not None:
+            sq = local_dot(xp, v, v)
+            if xp.isdtype(sq.dtype, "complex floating"):
+                sq = xp.real(sq)
+            (sq,) = red.allreduce_sum(xp, (sq,))
+            return xp.sqrt(sq)
     return xp.linalg.vector_norm(v, axis=-1)
 
 
 def safe_norm(xp, v):
     """Per-row 2-norms of a ``(B, n)`` array of any scale: the rows are divided by their
     largest magnitude first, so no square overflows or underflows (LAPACK's ``dnrm2``
-    idea)."""
+    idea). Reduced over the ranks of the solve's reduction (two collectives: the largest local
+    norm, then the sum of the local norms' squares relative to it)."""
     big = xp.max(xp.abs(v), axis=-1) if v.shape[-1] else xp.zeros(v.shape[:-1], dtype=xp.abs(v).dtype)
     usable = xp.isfinite(big) & (big > 0)
     s = xp.where(usable, big, xp.ones_like(big))
     # Rows of zeros, inf or NaN: their largest magnitude is their norm (0, inf or NaN).
-    return xp.where(usable, s * xp.linalg.vector_norm(v / s[..., None], axis=-1), big)
+    out = xp.where(usable, s * xp.linalg.vector_norm(v / s[..., None], axis=-1), big)
+    if _GIVEN:
+        red = getattr(_TLS, "reduction", None)
+        if red is not None:
+            return _reduced_norm(xp, red, out)
+    return out
+
+
+def _reduced_norm(xp, red, local):
+    """The 2-norms over the ranks of per-rank norms ``local`` (B,), scale-safe: each is
+    divided by the largest over the ranks before it is squared. Rows with a NaN anywhere
+    give NaN, rows with an infinity inf, as :func:`safe_norm` does on one process."""
+    (big,) = red.allreduce_max(xp, (xp.where(xp.isnan(local), xp.full_like(local, float("inf")), local),))
+    usable = xp.isfinite(big) & (big > 0)
+    s = xp.where(usable, big, xp.ones_like(big))
+    q = local / s
+    (sq,) = red.allreduce_sum(xp, (q * q,))
+    return xp.where(usable, s * xp.sqrt(sq), xp.where(xp.isnan(sq), sq, big))
 
 
 @dataclass
@@ -152,6 +294,13 @@ class Problem:
     device: Any = None
     #: ``(B,)`` powers of two the systems were divided by (see :func:`run_scaled`), or None.
     scale: Any = None
+    #: The reduction given to :func:`linsolve_rbp.solve` (``reduction=``), or None: the
+    #: vectors are whole, inner products local (see :mod:`linsolve_rbp.distributed`).
+    #: :func:`run_scaled` makes it the current one while the solver runs.
+    reduction: Any = None
+    #: ``compile=True``: the method compiles its per-iteration work with ``torch.compile``
+    #: (see ``linsolve_rbp.solvers._compile``); only methods with ``compiles = True``.
+    compile: bool = False
 
     @property
     def fixed_budget(self) -> bool:
@@ -557,7 +706,7 @@ class Monitor:
             self.codes = xp.where(running, self._code[MAX_ITERATIONS], self.codes)
         codes = self.codes
         bad = (codes == DIVERGED) | (codes == NONFINITE)
-        bad = bad | ~xp.all(xp.isfinite(x), axis=-1)
+        bad = bad | ~all_ranks(xp, xp.all(xp.isfinite(x), axis=-1))
         back = bad
         if self._verified:
             # rnorm is the true residual of x: an x worse than the best verified is not kept.
@@ -569,7 +718,7 @@ class Monitor:
                 # step stale, or drift) is verified with one product and taken where it is
                 # better than the best verified iterate (x0 at least).
                 rb = safe_norm(xp, prob.b - prob.mv(self.best_x))
-                take = back & xp.isfinite(rb) & (rb < self.ver_r) & xp.all(xp.isfinite(self.best_x), axis=-1)
+                take = back & xp.isfinite(rb) & (rb < self.ver_r) & all_ranks(xp, xp.all(xp.isfinite(self.best_x), axis=-1))
                 self.ver_r = xp.where(take, rb, self.ver_r)
                 self.ver_x = self.best_x if self.ver_x is None else xp.where(take[:, None], self.best_x, self.ver_x)
             if self.ver_x is not None:
@@ -616,6 +765,11 @@ class Solver:
         ``||b - A x||`` (with :meth:`Monitor.verify` or :func:`verified_rounds`). A method
         that leaves it False has its claims checked after it returns (one product), and a
         claim the true residual does not back becomes MAX_ITERATIONS.
+    accepts_reduction : bool
+        The method takes its inner products and norms from the solve's reduction
+        (:func:`dot`, :func:`norm`, :func:`allreduce_sum`), so it solves systems whose vectors
+        are sharded over ranks (``solve(..., reduction=...)``). False for the scipy bridges,
+        which refuse a reduction over more than one rank.
     batched_products : bool
         With ``batch_dims=1`` the method hands the operator ``(B, n)`` arrays, one row per
         system, as :func:`linsolve_rbp.solve` promises. False for methods that solve the
@@ -638,6 +792,7 @@ class Solver:
     accepts_callback = True
     accepts_fixed_budget = True
     outer_iterations: dict = {}
+    accepts_reduction = True
     batched_products = True
     #: The method checks every CONVERGED it reports against the true residual (all of the
     #: package's methods do). When False, :func:`run_scaled` checks the claims of the
@@ -719,6 +874,18 @@ def verified_rounds(prob: Problem, mon: Monitor, x, r, rnorm, iterate):
         mon.tighten(reopened, rnorm)
 
 
+def refuse_reduction(solver: Solver, reduction) -> None:
+    """ValueError if ``solver`` cannot take ``reduction`` (a reduction over more than one rank
+    given to a method with ``accepts_reduction = False``); nothing otherwise."""
+    if reduction is not None and reduction.size > 1 and not solver.accepts_reduction:
+        raise ValueError(
+            f"method {solver.name!r} cannot solve a system sharded over {reduction.size} ranks "
+            f"(reduction={reduction!r}): it hands the vectors to a library that sees only the local "
+            "shard; use one of the package's own methods (cg, gmres, bicgstab, minres, lsqr, "
+            "cgne, neumann, fixed_point), or gather the system on one process"
+        )
+
+
 def run_scaled(solver: Solver, prob: Problem) -> Outcome:
     """Run ``solver`` on ``prob`` with each system divided by a power of two near the largest
     magnitude of its right-hand side, and scale the outcome back.
@@ -730,11 +897,43 @@ def run_scaled(solver: Solver, prob: Problem) -> Outcome:
     iteration counts do not depend on it. ``atol`` is divided by the same ``s`` (see
     :meth:`Problem.thresholds`); the callback, the history, ``x`` and the residual norms are
     scaled back, so nothing outside the solver sees the scaling.
+
+    With a reduction (``prob.reduction``) the solver runs with it as the current reduction
+    (:func:`using_reduction`), the scale is the largest magnitude over all ranks, and the
+    outcome reports ``info["allreduces"]``, the collectives the solve made.
     """
+    red = prob.reduction
+    if red is None:
+        if _GIVEN and getattr(_TLS, "reduction", None) is not None:
+            # A solve without a reduction inside one with (a product or preconditioner that
+            # solves a local system): its inner products are its own.
+            with using_reduction(None):
+                return _run_scaled(solver, prob)
+        return _run_scaled(solver, prob)
+    refuse_reduction(solver, red)
+    if getattr(prob, "compile", False) and red.size > 1:
+        raise ValueError(
+            f"compile=True cannot be combined with a reduction over {red.size} ranks "
+            f"(reduction={red!r}): the compiled loops take no collectives; drop compile=True"
+        )
+    before = red.allreduces
+    with using_reduction(red):
+        out = _run_scaled(solver, prob)
+    out.info = dict(out.info)
+    out.info["allreduces"] = red.allreduces - before
+    return out
+
+
+def _run_scaled(solver: Solver, prob: Problem) -> Outcome:
     xp = prob.xp
     if prob.nsys == 0:
         return solver.run(prob)
-    mag = xp.max(xp.abs(prob.b), axis=-1)
+    mag = xp.max(xp.abs(prob.b), axis=-1) if prob.b.shape[-1] else xp.zeros((prob.nsys,), dtype=prob.real_dtype, device=prob.device)
+    if _GIVEN:
+        # One scale for all ranks: the largest magnitude over them (NaN kept as NaN).
+        nan = xp.isnan(mag)
+        mag, anynan = allreduce_max(xp, xp.where(nan, xp.full_like(mag, float("inf")), mag), xp.astype(nan, mag.dtype))
+        mag = xp.where(anynan > 0, xp.full_like(mag, float("nan")), mag)
     usable = xp.isfinite(mag) & (mag > 0)
     one = xp.ones_like(mag)
     s = 2.0 ** xp.floor(xp.log2(xp.where(usable, mag, one)))
@@ -767,7 +966,8 @@ def run_scaled(solver: Solver, prob: Problem) -> Outcome:
     x = out.x * col
     out.residual_norm = back(out.residual_norm)
     out.history = [back(h) for h in out.history]
-    over = ~xp.all(xp.isfinite(x), axis=-1) & xp.all(xp.isfinite(out.x), axis=-1)
+    fin, fin_scaled = all_ranks(xp, xp.all(xp.isfinite(x), axis=-1), xp.all(xp.isfinite(out.x), axis=-1))
+    over = ~fin & fin_scaled
     if bool(xp.any(over)):
         # The scaled solve ended with an x whose scaled-back entries overflow: the solution
         # (or the iterate) is beyond the dtype's range. Say so and return x0 (or zero).

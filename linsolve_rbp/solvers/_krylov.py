@@ -48,10 +48,15 @@ _COMPLEX: dict = {}
 
 def is_complex(xp, dtype) -> bool:
     """``xp.isdtype(dtype, "complex floating")``, remembered per dtype (it runs every
-    iteration). Keyed by the dtype's type and name, so that the dtypes of different
-    libraries are never compared with one another."""
-    key = (type(dtype), str(dtype))
-    c = _COMPLEX.get(key)
+    iteration). Keyed by the dtype's type and the dtype itself (a tuple compares the types
+    first, so the dtypes of different libraries are never compared with one another; no
+    ``str(dtype)``, which costs microseconds for numpy's)."""
+    try:
+        key = (type(dtype), dtype)
+        c = _COMPLEX.get(key)
+    except TypeError:  # an unhashable dtype
+        key = (type(dtype), str(dtype))
+        c = _COMPLEX.get(key)
     if c is None:
         c = _COMPLEX[key] = bool(xp.isdtype(dtype, "complex floating"))
     return c
@@ -84,7 +89,8 @@ def host_axpy(xp, like):
     from ._base import is_host
 
     f = None
-    if is_host(xp) and str(like.dtype) in ("float32", "float64", "complex64", "complex128"):
+    # (BLAS refuses empty vectors: a rank of a sharded solve may hold no entries.)
+    if is_host(xp) and like.shape[-1] and str(like.dtype) in ("float32", "float64", "complex64", "complex128"):
         f = _BLAS_AXPY.get(str(like.dtype))
         if f is None:
             try:

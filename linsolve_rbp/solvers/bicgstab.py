@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from .. import backend as _b
-from ._base import BREAKDOWN, Monitor, Problem, Solver, norm, safe_norm
+from ._base import BREAKDOWN, Monitor, Problem, Solver, _given, allreduce_sum, norm, safe_norm
 from .gmres import _mutable, _on_host
 
 __all__ = ["BiCGStab"]
@@ -62,7 +62,9 @@ class BiCGStab(Solver):
     accepts_preconditioner = True
 
     def run(self, prob: Problem):
-        if prob.nsys == 1 and _on_host(prob) and _mutable(prob):
+        # With the vectors sharded over ranks (a reduction given), the batched path, whose
+        # inner products are reduced (and fused two by two where they can be).
+        if prob.nsys == 1 and _given() is None and _on_host(prob) and _mutable(prob):
             out = self._run_single(prob)
             if out is not None:
                 return out
@@ -211,10 +213,21 @@ class BiCGStab(Solver):
 
         cplx = xp.isdtype(dtype, "complex floating")
 
-        def dot(u, v):
+        def ldot(u, v):
             # Per-row <u, v> as one product (a BLAS dot, no temporary); u is conjugated by
             # the caller for complex data.
             return (u[:, None, :] @ v[:, :, None])[:, 0, 0]
+
+        # Vectors sharded over ranks: every inner product summed over them, and the pairs
+        # an iteration can take together in one collective (<r_hat, v> with <v, v>, <t, s>
+        # with <t, t>, <r, r> with the next iteration's <r_hat, r>): four collectives per
+        # iteration instead of seven.
+        sharded = _given() is not None
+        if sharded:
+            def dot(u, v):
+                return allreduce_sum(xp, ldot(u, v))[0]
+        else:
+            dot = ldot
 
         def cj(u):
             return xp.conj(u) if cplx else u
@@ -243,11 +256,13 @@ class BiCGStab(Solver):
             rhat_n = rnorm
             p = v = xp.zeros_like(r)
             rho_prev = alpha = omega = ones
+            # Sharded: <r_hat, r> of the next iteration, reduced with the norm of r.
+            rho_next = None
             while mon.k < prob.maxiter:
                 # An exactly zero residual (possible in fixed-budget mode, where nothing
                 # converges) means x is exact: freeze without calling it a breakdown.
                 go = mon.active & (rnorm > 0)
-                rho = dot(rhat_c, r)
+                rho = dot(rhat_c, r) if rho_next is None else rho_next
                 mon.flag(go & (xp.abs(rho) <= eps2 * rhat_n * rnorm), BREAKDOWN)
                 go = go & mon.active
                 beta = (rho / safe(rho_prev)) * (alpha / safe(omega))
@@ -258,8 +273,12 @@ class BiCGStab(Solver):
                     p = xp.where(go[:, None], p, xp.zeros_like(p))
                 phat = M(p)
                 v = prob.mv(phat)
-                rv = dot(rhat_c, v)
-                bad = go & (xp.abs(rv) <= eps2 * rhat_n * norm(xp, v))
+                if sharded:
+                    rv, vv = allreduce_sum(xp, ldot(rhat_c, v), ldot(cj(v), v))
+                    vnorm = xp.sqrt(xp.real(vv) if cplx else vv)
+                else:
+                    rv, vnorm = dot(rhat_c, v), norm(xp, v)
+                bad = go & (xp.abs(rv) <= eps2 * rhat_n * vnorm)
                 mon.flag(bad, BREAKDOWN)
                 go = go & ~bad
                 alpha = rho / safe(rv)
@@ -270,11 +289,15 @@ class BiCGStab(Solver):
                 shat = M(s)
                 t = prob.mv(shat)
                 tc = cj(t)
-                ts = dot(tc, s)
+                if sharded:
+                    ts, tt = allreduce_sum(xp, ldot(tc, s), ldot(tc, t))
+                    tnorm = xp.sqrt(xp.real(tt) if cplx else tt)
+                else:
+                    ts, tnorm, tt = dot(tc, s), norm(xp, t), None
                 full = go & ~half & (snorm > 0)
-                bad = full & (xp.abs(ts) <= eps2 * norm(xp, t) * snorm)
+                bad = full & (xp.abs(ts) <= eps2 * tnorm * snorm)
                 full = full & ~bad
-                omega = xp.where(full, ts / safe(dot(tc, t)), zeros)
+                omega = xp.where(full, ts / safe(dot(tc, t) if tt is None else tt), zeros)
                 # A system whose omega broke down still takes the half step (x + alpha p_hat,
                 # residual s), the best iterate the method has for it.
                 xn = x + alpha[:, None] * phat + omega[:, None] * shat
@@ -284,7 +307,11 @@ class BiCGStab(Solver):
                 else:
                     x = xp.where(go[:, None], xn, x)
                     r = xp.where(go[:, None], rn, r)
-                if every(full):
+                if sharded:
+                    rr, rho_next = allreduce_sum(xp, ldot(cj(r), r), ldot(rhat_c, r))
+                    nr = xp.sqrt(xp.real(rr) if cplx else rr)
+                    rnorm = nr if every(full) else xp.where(go, xp.where(full, nr, snorm), rnorm)
+                elif every(full):
                     rnorm = norm(xp, r)
                 else:
                     rnorm = xp.where(go, xp.where(full, norm(xp, r), snorm), rnorm)

@@ -14,9 +14,69 @@ from __future__ import annotations
 import math
 
 from .. import backend as _b
-from ._base import BREAKDOWN, Monitor, Problem, Solver, norm, safe_norm
+from ._base import BREAKDOWN, Monitor, Problem, Solver, allreduce_sum, local_dot, norm, safe_norm
+from ._compile import requested
+from .cg import compiled_step
 
 __all__ = ["GMRES"]
+
+#: The values of gmres's ``orthogonalization`` option: classical Gram-Schmidt twice (two
+#: collectives per Arnoldi step when the vectors are sharded), or once (one collective).
+ORTHOGONALIZATIONS = ("cgs2", "cgs")
+
+
+def _gram_schmidt(xp, Vj, w, twice: bool, cplx: bool, eps: float, count=None):
+    """Orthogonalise ``w`` (B, n) against the basis ``Vj`` (B, j + 1, n) by classical
+    Gram-Schmidt with the inner products of a pass reduced together: one collective per pass
+    (:func:`allreduce_sum`), for all the systems of the batch, whatever the number of
+    coefficients.
+
+    Each pass reduces its coefficients ``V^H w`` with the squared norm of the vector it
+    orthogonalises, and the squared norm of the result follows by Pythagoras,
+    ``||w - V h||^2 = ||w||^2 - ||h||^2`` (the basis being orthonormal), with no third
+    reduction. With ``twice`` (CGS2) the second pass, two collectives in all, removes what
+    the first left in the span of the basis, and the subtraction in the norm is then benign
+    (the second coefficients are at rounding level). With one pass (CGS) it cancels when
+    ``h_{j+1,j}`` is small compared to ``||w||``: below ``sqrt((j + 2) eps) ||w||`` the
+    computed value is rounding noise, and ``h_{j+1,j}`` counts as zero (an invariant space to
+    that accuracy: the cycle ends there and restarts from the true residual).
+
+    ``count`` is the number of basis vectors, ``j + 1`` (a Python int or an array; default
+    ``Vj``'s rows), where ``Vj`` holds zero rows after them.
+
+    Returns ``h`` (B, j + 1, 1), ``hn = h_{j+1,j}`` (B,) (zero where ``lucky``), ``wn``
+    ``= ||w||`` (B,), the orthogonalised ``w`` (B, n), and ``lucky`` (B,) bools."""
+    VjT = Vj.mT
+
+    def coefficients(v):
+        # V^H v as a (B, j + 1, 1) column, and <v, v> in the coefficients' dtype (one buffer).
+        vc = v[:, :, None]
+        h = xp.conj(xp.matmul(Vj, xp.conj(vc))) if cplx else xp.matmul(Vj, vc)
+        vv = local_dot(xp, v, v)
+        return h, vv
+
+    def sq(h):
+        # ||h||^2 per system; h is replicated on every rank, so this is not reduced.
+        return xp.sum(xp.real(h * xp.conj(h)) if cplx else h * h, axis=(-2, -1))
+
+    h, ww = allreduce_sum(xp, *coefficients(w))
+    ww = xp.real(ww) if cplx else ww
+    w1 = w - xp.matmul(VjT, h)[:, :, 0]
+    if twice:
+        h2, w1w1 = allreduce_sum(xp, *coefficients(w1))
+        w1w1 = xp.real(w1w1) if cplx else w1w1
+        w2 = w1 - xp.matmul(VjT, h2)[:, :, 0]
+        hn2 = w1w1 - sq(h2)
+        h = h + h2
+        floor = (eps * eps) * ww
+    else:
+        w2 = w1
+        hn2 = ww - sq(h)
+        floor = ((Vj.shape[1] if count is None else count) + 1) * eps * ww
+    zero = xp.zeros_like(hn2)
+    lucky = hn2 <= floor
+    hn = xp.where(lucky, zero, xp.sqrt(xp.where(lucky, zero, hn2)))
+    return h, hn, xp.sqrt(ww), w2, lucky
 
 
 def _on_host(prob) -> bool:
@@ -33,6 +93,169 @@ def _on_host(prob) -> bool:
     if kind is not None:
         return kind == "cpu"
     return "cpu" in str(dev).lower()
+
+
+def _orthogonalization(prob):
+    """``(fused, twice)``: whether the Arnoldi steps reduce their inner products together
+    (:func:`_gram_schmidt`: with ``orthogonalization="cgs"``, and whenever a reduction is
+    given, so that a sharded solve makes its collectives fused), and whether they
+    reorthogonalise. Without a reduction the default (CGS2) keeps the paths below, whose
+    three inner-product passes per step cost nothing to communicate."""
+    twice = prob.options.get("orthogonalization", "cgs2") == "cgs2"
+    return (not twice) or prob.reduction is not None, twice
+
+
+def _arnoldi_step(xp, mv, psolve, V, j, live, anorm, fused, twice, cplx, eps, dtype, w=None):
+    """The arithmetic of step ``j`` (a Python int) of an Arnoldi cycle of the device path, a
+    function of arrays with no host read: ``w = A M v_j`` (or the ``w`` given, the product
+    made outside), orthogonalised against ``v_0 .. v_j``; returns the coefficients ``h``
+    (B, j + 1, 1), ``h_{j+1,j}`` (zero where ``lucky``: an invariant space), ``lucky``, the
+    updated estimate ``anorm`` of ``||A M||``, and the next basis vector (zero for a system
+    that stopped or is lucky)."""
+    vj, Vj, count = V[:, j, :], V[:, : j + 1, :], j + 1
+    if w is None:
+        w = mv(vj if psolve is None else psolve(vj))
+    ones_r = xp.ones_like(anorm)
+    zeros_r = xp.zeros_like(anorm)
+    if fused:
+        h, hn, wn, w, lucky = _gram_schmidt(xp, Vj, w, twice, cplx, eps, count)
+        anorm = xp.where(live & (wn > anorm), wn, anorm)
+    else:
+        def nrm(v):
+            return xp.sqrt(xp.real(xp.vecdot(v, v))) if cplx else xp.sqrt(xp.vecdot(v, v))
+
+        wn = nrm(w)
+        eh0 = eps * wn
+        anorm = xp.where(live & (wn > anorm), wn, anorm)
+        # Classical Gram-Schmidt, twice, as batched products with the basis; w is a (B, n, 1)
+        # column here.
+        w = w[:, :, None]
+        VjT = Vj.mT
+        if cplx:
+            h = xp.conj(xp.matmul(Vj, xp.conj(w)))
+            w = w - xp.matmul(VjT, h)
+            h2 = xp.conj(xp.matmul(Vj, xp.conj(w)))
+        else:
+            h = xp.matmul(Vj, w)
+            w = w - xp.matmul(VjT, h)
+            h2 = xp.matmul(Vj, w)
+        w = w[:, :, 0] - xp.matmul(VjT, h2)[:, :, 0]
+        h = h + h2
+        hn = nrm(w)
+        lucky = hn <= eh0
+        hn = xp.where(lucky, zeros_r, hn)
+    # One scaling pass over w: 1 / h_{j+1,j} for a system that goes on, 0 for one that
+    # stopped or found an invariant space (its unused rows stay zero).
+    scale = xp.where(live & ~lucky, ones_r / xp.where(lucky, ones_r, hn), zeros_r)
+    return h, hn, lucky, anorm, w * (xp.astype(scale, dtype) if cplx else scale)[:, None]
+
+
+def _cycle(xp, mv, psolve, b, x, V, w0, beta, live, active, anorm, thr, divlim, phase, steps,
+           check_every, fused, twice, cplx, eps, piv_tol, lucky_tol):
+    """A whole restart cycle of the device path as one function of arrays with no host read,
+    compiled with ``compile=True``: ``steps`` Arnoldi steps (a Python int: the loop is
+    unrolled, each step on its own prefix of the basis) with the Givens updates and the
+    monitor's test of each estimate, then ``x`` formed and its true residual.
+
+    ``V`` (B, m + 1, n) holds ``v_0`` (written in place with the rest of the basis), ``w0``
+    is the first product ``A M v_0`` (made outside: the solve's first product is checked
+    eagerly), ``active`` the monitor's running systems, ``thr`` and ``divlim`` its threshold
+    and divergence limit (None when unset), ``phase`` the iterations before the cycle modulo
+    ``check_every`` (a 0-d integer array).
+
+    The steps run to ``steps`` whatever the estimates say; the cycle's length ``K`` is the
+    step at which the uncompiled loop stops: the first step that ends on a ``check_every``
+    boundary with no system running, or ``steps``. Each system's ``x`` uses its own Krylov
+    dimension within the first ``K`` steps, as uncompiled.
+
+    Returns ``(x, r, rtrue, worse, K, E, BR, LS, H, Qh, C, S, L, anorm)``: the new iterate,
+    its residual and true residual norms, the systems whose cycle made the residual more
+    than 10 times worse, ``K`` (0-d), the estimates of each step as the monitor sees them
+    ``E`` (steps, B), the systems that broke down at each step ``BR`` (steps, B), those live
+    at the start of each step ``LS`` (steps, B), the Hessenberg matrix and rotations (for a
+    callback's iterates), the live columns ``L`` (B, m) and the updated ``||A M||``
+    estimate."""
+    dtype = V.dtype
+    B, m = V.shape[0], V.shape[1] - 1
+    dev = V.device
+    ones_r = xp.ones_like(beta)
+    H = xp.zeros((B, m + 1, m), dtype=dtype, device=dev)
+    Qh = xp.zeros((B, m, m + 1), dtype=dtype, device=dev)
+    q = xp.zeros((B, m + 1), dtype=dtype, device=dev)
+    q[:, 0] = 1
+    gcur = xp.astype(beta, dtype)
+    est = beta
+    started = live
+    cs, sn, lives, ests, brokes, starts, acts = [], [], [], [], [], [], []
+    for j in range(steps):
+        starts.append(live)
+        h, hn, lucky, anorm, V[:, j + 1, :] = _arnoldi_step(
+            xp, mv, psolve, V, j, live, anorm, fused, twice, cplx, eps, dtype,
+            w=w0 if j == 0 else None)
+        unlucky = ~lucky
+        H[:, : j + 1, j] = h[:, :, 0]
+        a = xp.matmul(q[:, None, : j + 1], h)[:, 0, 0]
+        c, s, rr = _givens(xp, a, hn, cplx, ones_r)
+        Qh[:, j, :] = q
+        if cplx:
+            H[:, j + 1, j] = xp.astype(hn, dtype)
+            c = xp.astype(c, dtype)
+            ms = -xp.conj(s)
+        else:
+            H[:, j + 1, j] = hn
+            ms = -s
+        q = ms[:, None] * q
+        q[:, j + 1] = c
+        cs.append(c)
+        sn.append(s)
+        gcur = ms * gcur
+        tol_j = xp.where(lucky, lucky_tol * ones_r, piv_tol * ones_r)
+        broke = live & ((xp.abs(rr) if cplx else rr) <= tol_j * anorm)
+        active = active & ~broke
+        live = live & ~broke
+        lives.append(live)
+        est = xp.where(live, xp.abs(gcur), est)
+        live = live & unlucky
+        # The monitor's test of the estimate (Monitor.update), on the device.
+        if thr is not None:
+            go = est > thr
+            go = go & (est <= divlim) if divlim is not None else go & xp.isfinite(est)
+        elif divlim is not None:
+            go = est <= divlim
+        else:
+            go = xp.isfinite(est)
+        active = active & go
+        live = live & active
+        ests.append(est)
+        brokes.append(broke)
+        acts.append(xp.any(active))
+    # The step at which the uncompiled loop stops: a check_every boundary with nothing running.
+    j1 = xp.arange(1, steps + 1, device=dev)
+    stop = (((phase + j1) % check_every) == 0) & ~xp.stack(acts)
+    stop = stop | (j1 == steps)
+    K = xp.argmax(xp.astype(stop, xp.int32)) + 1
+    L = xp.stack(lives, axis=-1)
+    C, S = xp.stack(cs, axis=-1), xp.stack(sn, axis=-1)
+    y, use = GMRES._small(xp, dev, H, Qh, C, S, L & (j1 <= K)[None, :], beta)
+    u = xp.matmul(xp.matrix_transpose(V[:, :steps, :]), y)[:, :, 0]
+    if psolve is not None:
+        u = psolve(u)
+    x = xp.where(use[:, 0:1], x + u, x)
+    r = b - mv(x)
+    rtrue = safe_norm(xp, r)
+    worse = started & xp.isfinite(rtrue) & (rtrue > 10.0 * beta)
+    return (x, r, rtrue, worse, K, xp.stack(ests), xp.stack(brokes), xp.stack(starts), H, Qh, C, S,
+            L, anorm)
+
+
+def _global_size(prob, n: int) -> int:
+    """The number of unknowns of the whole system: ``n``, or with a reduction the sum of the
+    shards' (one collective), so that every rank caps the Krylov dimension alike."""
+    if prob.reduction is None:
+        return n
+    xp = prob.xp
+    (tot,) = allreduce_sum(xp, xp.asarray([float(n)], dtype=prob.real_dtype, device=prob.device))
+    return int(round(float(tot[0])))
 
 
 def _mutable(prob) -> bool:
@@ -98,6 +321,24 @@ class GMRES(Solver):
         cycle, capped at ``n``. Memory grows as ``(m + 1) n`` per system and the work per
         cycle as ``m^2 n``.
 
+        ``orthogonalization`` (default ``"cgs2"``): how an Arnoldi step orthogonalises
+        ``A M v_j`` against the basis. Both are classical Gram-Schmidt, whose coefficients
+        ``h_{1..j,j}`` of a pass are independent inner products and so can be reduced in one
+        collective when the vectors are shards over several processes (``reduction=``);
+        the norm ``h_{j+1,j}`` comes from the same collective, by Pythagoras
+        (``||w - V h||^2 = ||w||^2 - ||h||^2``). ``"cgs2"`` makes the pass twice (CGS2):
+        two collectives per step, and a basis orthogonal to working precision (Giraud et al.,
+        2005). ``"cgs"`` makes it once: one collective per step, the least communication,
+        but the basis loses orthogonality as the Krylov basis becomes ill conditioned
+        (which slows convergence and can stall it; Giraud et al., 2005), and the norm from
+        Pythagoras cancels where ``h_{j+1,j}`` is small compared to ``||A M v_j||`` (below
+        ``sqrt((j + 2) eps)`` of it, it is taken as zero: the cycle ends and the next one
+        restarts from the true residual). Neither can give a false CONVERGED: the claim is
+        checked on the true residual. Reorthogonalising costs one more collective per step
+        and doubles the Gram-Schmidt arithmetic (``8 (j + 1) n`` flops at step ``j``
+        instead of ``4 (j + 1) n``). Without a reduction ``"cgs2"`` computes ``h_{j+1,j}``
+        directly, as its own inner product, since communication costs nothing there.
+
     Needs
         ``A x`` only, one product per Arnoldi step, plus one per cycle for the true residual
         from which the next cycle restarts (and one at the start when ``x0`` is given).
@@ -115,8 +356,9 @@ class GMRES(Solver):
         with a tighter internal tolerance (scipy's adaptive inner tolerance). A lucky
         breakdown (``h_{k+1,k} = 0``: the Krylov space is invariant and ``x`` exact) converges;
         a pivot of the triangular factor below ``10 sqrt(m) eps`` times the largest
-        ``||A M v_j||`` seen (``A`` singular on the Krylov space, to working precision) is
-        BREAKDOWN, and so is a cycle whose ``x`` has a true residual more than 10 times the
+        ``||A M v_j||`` seen (``A`` singular on the Krylov space, to working precision; at a
+        lucky breakdown, below ``1e3 m eps`` times it, the rounding level of the Arnoldi
+        relation there) is BREAKDOWN, and so is a cycle whose ``x`` has a true residual more than 10 times the
         one the cycle started from (its small least-squares problem was numerically
         singular): that system keeps the ``x`` it had before the cycle. A singular,
         inconsistent system therefore ends BREAKDOWN with an ``x`` no worse than ``x0``. ``maxiter`` counts Arnoldi steps, i.e. the products with ``A`` apart from
@@ -132,11 +374,34 @@ class GMRES(Solver):
     The callback sees ``x`` at every step only because a callback is given: ``x`` is then
     formed every step (a small triangular solve and one ``M`` product per step); without a
     callback it is formed at the end of each cycle. ``info`` holds the number of ``cycles``
-    and the ``restart`` used. Host synchronisation on a device (CUDA, cupy): once per cycle,
+    and the ``restart`` used (and ``allreduces``, the collectives made, when a reduction is
+    given: one per step with ``"cgs"``, two with ``"cgs2"``, plus a few per cycle for the
+    norms of the true residual). Host synchronisation on a device (CUDA, cupy): once per cycle,
     plus the Monitor's ``check_every`` cadence inside a cycle. Data in host memory (numpy,
     torch on the CPU, array-API libraries on a CPU device) take a path that does the small
     dense algebra of each step in numpy (reading a few numbers costs nothing there); arrays
     without item assignment (JAX) take it too, with a functional basis.
+
+    With ``compile=True`` (torch tensors, on any device; not with ``reduction=``) each restart
+    cycle is one call of a graph compiled with :func:`torch.compile` (``fullgraph``): the
+    ``m`` Arnoldi steps (unrolled, on a basis of fixed shape), their Givens rotations and the
+    monitor's test of each estimate, then ``x`` and its true residual, with one host read per
+    cycle (its length) besides the monitor's ``any running?`` between cycles. The estimate is
+    therefore acted on once per cycle: the cycle runs all its steps, and ``x`` is formed from
+    the first ``k`` of them, ``k`` the step at which the uncompiled loop stops (where the
+    estimate met the tolerance, on the ``check_every`` cadence), so ``x``, the status,
+    ``iterations`` and ``residual_history`` are those of the uncompiled solve, to rounding.
+    The products are counted as applied: a cycle that stops at step ``k < m`` still applied
+    ``m`` products (on zero vectors after ``k``), so ``matvecs`` exceeds the uncompiled
+    count by those steps, reported as ``info["discarded_steps"]``. Each cycle's first product
+    runs before the graph, uncompiled (the solve's first product is checked on the way). A
+    cycle cut short by ``maxiter`` compiles a graph of its own length. Compiling a cycle of
+    ``m = 30`` takes about a minute on a CPU with inductor. On the CPU the uncompiled path,
+    which does the small algebra in numpy, is the faster one at small ``n``: a compiled
+    cycle's call costs about half a millisecond besides its arithmetic (the graph's buffers
+    and guards), and inductor's code for a step's products is slower than BLAS there (dense
+    ``n = 200``, ``m = 30``: 7.3 ms against 3.2 ms uncompiled). The compiled cycle is meant
+    for devices, where every operation of an uncompiled step costs a kernel launch.
 
     References
     ----------
@@ -157,8 +422,9 @@ class GMRES(Solver):
     name = "gmres"
     checks_claims = True
     accepts_preconditioner = True
-    options = {"restart": 20}
-    option_kinds = {"restart": "positive_int"}
+    compiles = True
+    options = {"restart": 20, "orthogonalization": ORTHOGONALIZATIONS[0]}
+    option_kinds = {"restart": "positive_int", "orthogonalization": ORTHOGONALIZATIONS}
 
     @staticmethod
     def _small(sp, sdev, H, Qh, c, s, lives, beta):
@@ -199,6 +465,9 @@ class GMRES(Solver):
         return xp.where(use[:, 0:1], x + u, x)
 
     def run(self, prob: Problem):
+        if requested(prob):
+            # Whole cycles compiled (torch arrays, on any device).
+            return self._run_compiled(prob)
         if _on_host(prob) or not _mutable(prob):
             return self._run_host(prob, _mutable(prob))
         return self._run_device(prob)
@@ -207,7 +476,8 @@ class GMRES(Solver):
         xp = prob.xp
         dev = prob.device
         B, n = prob.nsys, prob.A.shape[1]
-        m = min(int(prob.options["restart"]), n)
+        m = min(int(prob.options["restart"]), _global_size(prob, n))
+        fused, twice = _orthogonalization(prob)
         dtype, rdtype = prob.dtype, prob.real_dtype
         cplx = xp.isdtype(dtype, "complex floating")
         eps = float(xp.finfo(rdtype).eps)
@@ -230,12 +500,6 @@ class GMRES(Solver):
         Qh = xp.zeros((B, m, m + 1), dtype=dtype, device=dev)
         e0 = xp.zeros((B, m + 1), dtype=dtype, device=dev)
         e0[:, 0] = 1
-        if cplx:
-            def nrm(v):
-                return xp.sqrt(xp.real(xp.vecdot(v, v)))
-        else:
-            def nrm(v):
-                return xp.sqrt(xp.vecdot(v, v))
         mv, psolve, callback = prob.mv, prob.psolve, prob.callback
         rtrue = beta
         cycles = 0
@@ -244,6 +508,7 @@ class GMRES(Solver):
         # never small exactly where A is singular, since A v_j is small there too).
         anorm = zeros_r
         piv_tol = 10.0 * eps * (m ** 0.5)
+        lucky_tol = _lucky_tol(eps, m)
         while mon.k < prob.maxiter and mon.any_active():
             cycles += 1
             x_start, r_start = x, r
@@ -260,34 +525,9 @@ class GMRES(Solver):
                 if mon.k >= prob.maxiter:
                     break
                 stepped = live
-                vj = V[:, j, :]
-                w = mv(vj if psolve is None else psolve(vj))
-                wn = nrm(w)
-                eh0 = eps * wn
-                anorm = xp.where(live & (wn > anorm), wn, anorm)
-                # Classical Gram-Schmidt, twice, as batched products with the basis; w is a
-                # (B, n, 1) column here.
-                w = w[:, :, None]
-                Vj = V[:, : j + 1, :]
-                VjT = Vj.mT
-                if cplx:
-                    h = xp.conj(xp.matmul(Vj, xp.conj(w)))
-                    w = w - xp.matmul(VjT, h)
-                    h2 = xp.conj(xp.matmul(Vj, xp.conj(w)))
-                else:
-                    h = xp.matmul(Vj, w)
-                    w = w - xp.matmul(VjT, h)
-                    h2 = xp.matmul(Vj, w)
-                w = w[:, :, 0] - xp.matmul(VjT, h2)[:, :, 0]
-                h = h + h2
-                hn = nrm(w)
-                lucky = hn <= eh0
-                hn = xp.where(lucky, zeros_r, hn)
+                h, hn, lucky, anorm, V[:, j + 1, :] = _arnoldi_step(
+                    xp, mv, psolve, V, j, live, anorm, fused, twice, cplx, eps, dtype)
                 unlucky = ~lucky
-                # One scaling pass over w: 1 / h_{j+1,j} for a system that goes on, 0 for one
-                # that stopped or found an invariant space (its unused rows stay zero).
-                scale = xp.where(live & unlucky, ones_r / xp.where(lucky, ones_r, hn), zeros_r)
-                V[:, j + 1, :] = w * (xp.astype(scale, dtype) if cplx else scale)[:, None]
                 H[:, : j + 1, j] = h[:, :, 0]
                 a = xp.matmul(q[:, None, : j + 1], h)[:, 0, 0]
                 c, s, rr = _givens(xp, a, hn, cplx, ones_r)
@@ -307,7 +547,8 @@ class GMRES(Solver):
                 # A pivot that vanishes to working precision (so h_{j+1,j} does too): A M is
                 # singular on the Krylov space and the residual cannot be reduced further; the
                 # column is left out, so x minimises the residual over the previous space.
-                broke = live & ((xp.abs(rr) if cplx else rr) <= piv_tol * anorm)
+                tol_j = xp.where(lucky, lucky_tol * ones_r, piv_tol * ones_r)
+                broke = live & ((xp.abs(rr) if cplx else rr) <= tol_j * anorm)
                 mon._set(broke, BREAKDOWN)
                 live = live & ~broke
                 lives.append(live)
@@ -339,6 +580,86 @@ class GMRES(Solver):
             beta = rtrue
         return mon.finish(x, rtrue, info={"cycles": cycles, "restart": m})
 
+    def _run_compiled(self, prob: Problem):
+        """``compile=True``: the device path's iteration with each restart cycle one compiled
+        call (:func:`_cycle`) and one host read (the cycle's length), besides the first
+        product of each cycle, made before the call, and the monitor's bookkeeping and the
+        check of the claims on the true residual after it."""
+        cycle = compiled_step(self.name, prob, _cycle)
+        xp = prob.xp
+        dev = prob.device
+        B, n = prob.nsys, prob.A.shape[1]
+        m = min(int(prob.options["restart"]), n)
+        fused, twice = _orthogonalization(prob)
+        dtype, rdtype = prob.dtype, prob.real_dtype
+        cplx = xp.isdtype(dtype, "complex floating")
+        eps = float(xp.finfo(rdtype).eps)
+
+        x = prob.initial_x()
+        r = prob.b if prob.x0 is None else prob.b - prob.mv(x)
+        beta = norm(xp, r)
+        mon = Monitor(prob, beta, x0=x)
+        target = mon.target
+        ones_r = xp.ones((B,), dtype=rdtype, device=dev)
+        zero = xp.zeros((1, 1), dtype=dtype, device=dev)
+        factor = ones_r
+        V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev)
+        mv, psolve, callback = prob.mv, prob.psolve, prob.callback
+        rtrue = beta
+        cycles = 0
+        anorm = xp.zeros((B,), dtype=rdtype, device=dev)
+        piv_tol = 10.0 * eps * (m ** 0.5)
+        lucky_tol = _lucky_tol(eps, m)
+        every = prob.check_every
+        phases = {}
+        discarded = 0
+        while mon.k < prob.maxiter and mon.any_active():
+            cycles += 1
+            x_start, r_start = x, r
+            live = mon.active & (beta > 0)
+            safe = xp.where(beta > 0, beta, ones_r)
+            V[:, 0, :] = xp.where(live[:, None], r / safe[:, None], zero)
+            v0 = V[:, 0, :]
+            # The cycle's first product, uncompiled: the solve's first product is checked.
+            w0 = mv(v0 if psolve is None else psolve(v0))
+            steps = min(m, prob.maxiter - mon.k)
+            ph = mon.k % every
+            phase = phases.get(ph)
+            if phase is None:
+                phase = phases[ph] = xp.asarray(ph, dtype=xp.int64, device=dev)
+            (xn, rn, rt, worse, K, E, BR, LS, H, Qh, C, S, L, anorm) = cycle(
+                xp, mv, psolve, prob.b, x, V, w0, beta, live, mon.active, anorm, mon.threshold,
+                mon._divlim, phase, steps, every, fused, twice, cplx, eps, piv_tol, lucky_tol)
+            K = int(K)  # the host read of the cycle
+            discarded += steps - K
+            if callback is None:
+                # The monitor's updates of the first K steps at once: the estimates, the
+                # breakdowns, and the test of the last estimate (a system that stopped keeps
+                # its estimate, so the last test decides as the K tests do).
+                mon.k += K
+                mon.history.extend([E[j] for j in range(K)])
+                mon._set(xp.any(BR[:K], axis=0), BREAKDOWN)
+                mon._test(E[K - 1])
+            else:
+                # The iterate of each step, for the callback, as uncompiled.
+                xcb = x
+                for j in range(K):
+                    mon._set(BR[j], BREAKDOWN)
+                    y, use = self._small(xp, dev, H, Qh, C[:, : j + 1], S[:, : j + 1],
+                                         L[:, : j + 1], beta)
+                    u = xp.matmul(xp.matrix_transpose(V[:, : j + 1, :]), y)[:, :, 0]
+                    if psolve is not None:
+                        u = psolve(u)
+                    xk = xp.where(use[:, 0:1], x + u, x)
+                    xcb = xp.where(LS[j][:, None], xk, xcb)
+                    mon.update(E[j], xcb)
+            x, r, rtrue, factor = _end_cycle(
+                mon, xp, xn, rn, rt, worse, x_start, r_start, beta, factor, E[K - 1], target, eps,
+                ones_r)
+            beta = rtrue
+        return mon.finish(x, rtrue, info={"cycles": cycles, "restart": m,
+                                          "discarded_steps": discarded})
+
     def _run_host(self, prob: Problem, mutable: bool):
         """The same iteration for data in host memory, with the small dense algebra
         (Hessenberg matrix, Givens rotations, least-squares solve) in numpy: a handful of
@@ -355,7 +676,8 @@ class GMRES(Solver):
         xp = prob.xp
         dev = prob.device
         B, n = prob.nsys, prob.A.shape[1]
-        m = min(int(prob.options["restart"]), n)
+        m = min(int(prob.options["restart"]), _global_size(prob, n))
+        fused, twice = _orthogonalization(prob)
         dtype, rdtype = prob.dtype, prob.real_dtype
         cplx = xp.isdtype(dtype, "complex floating")
         eps = float(xp.finfo(rdtype).eps)
@@ -403,7 +725,7 @@ class GMRES(Solver):
         # passes run in numpy on a host view of the basis, made once, so that a step costs
         # the product and a few numpy operations whatever the library.
         single = False
-        if B == 1 and G is not None:
+        if B == 1 and G is not None and not fused:
             Vh = host(V)
             V[0, 0, 0] = 1
             single = Vh.shape == (B, m + 1, n) and Vh[0, 0, 0] == 1
@@ -423,6 +745,7 @@ class GMRES(Solver):
         cycles = 0
         anorm = zero_h
         piv_tol = 10.0 * eps * (m ** 0.5)
+        lucky_tol = _lucky_tol(eps, m)
         # Numpy scalars of the working precision, for the scalar algebra of one system.
         T = hrdt.type
         one1 = T(1)
@@ -520,7 +843,7 @@ class GMRES(Solver):
                     S[0, j] = s
                     gcur1 = ms * gcur1
                     k = j + 1
-                    broke = live1 and abs(rr) <= piv_tol * anorm1
+                    broke = live1 and abs(rr) <= (lucky_tol if lucky else piv_tol) * anorm1
                     if broke:
                         mon._set(to_dev(hp.asarray([True])), BREAKDOWN)
                         live1 = False
@@ -530,33 +853,39 @@ class GMRES(Solver):
                     live1 = live1 and not lucky
                 else:
                     Vj = V[:, : j + 1, :] if mutable else xp.stack(basis, axis=1)
-                    VjT = Vj.mT
-                    wc = w[:, :, None]
-                    if cplx:
-                        h1 = xp.conj(Vj @ xp.conj(wc))
-                        w1 = wc - VjT @ h1
-                        h2 = xp.conj(Vj @ xp.conj(w1))
-                        w2 = (w1 - VjT @ h2)[:, :, 0]
-                        hn2 = xp.conj(w2)[:, None, :] @ w2[:, :, None]
+                    if fused:
+                        # The inner products of a pass reduced together (see _gram_schmidt);
+                        # the replicated results come to the host.
+                        h, hn, wn, w2, lucky = _gram_schmidt(xp, Vj, w, twice, cplx, eps)
+                        h, hn, wn, lucky = host(h)[:, :, 0], host(hn), host(wn), host(lucky)
                     else:
-                        h1 = Vj @ wc
-                        w1 = wc - VjT @ h1
-                        h2 = Vj @ w1
-                        w2 = (w1 - VjT @ h2)[:, :, 0]
-                        hn2 = w2[:, None, :] @ w2[:, :, None]
-                    if G is not None:
-                        G[:, : j + 1, :] = h1 + h2
-                        G[:, m + 1 : m + 2, :] = hn2
-                        h, hn2 = G_h[:, : j + 1, 0], G_h[:, m + 1, 0]
-                    else:
-                        h, hn2 = host(h1 + h2)[:, :, 0], host(hn2)[:, 0, 0]
-                    hn = hp.sqrt(hp.real(hn2) if cplx else hn2)
-                    hh = hp.real(hp.sum(h * hp.conj(h), axis=-1)) if cplx else hp.sum(h * h, axis=-1)
-                    wn = hp.sqrt(hh + hn * hn)
-                    eh0 = eps * wn
+                        VjT = Vj.mT
+                        wc = w[:, :, None]
+                        if cplx:
+                            h1 = xp.conj(Vj @ xp.conj(wc))
+                            w1 = wc - VjT @ h1
+                            h2 = xp.conj(Vj @ xp.conj(w1))
+                            w2 = (w1 - VjT @ h2)[:, :, 0]
+                            hn2 = xp.conj(w2)[:, None, :] @ w2[:, :, None]
+                        else:
+                            h1 = Vj @ wc
+                            w1 = wc - VjT @ h1
+                            h2 = Vj @ w1
+                            w2 = (w1 - VjT @ h2)[:, :, 0]
+                            hn2 = w2[:, None, :] @ w2[:, :, None]
+                        if G is not None:
+                            G[:, : j + 1, :] = h1 + h2
+                            G[:, m + 1 : m + 2, :] = hn2
+                            h, hn2 = G_h[:, : j + 1, 0], G_h[:, m + 1, 0]
+                        else:
+                            h, hn2 = host(h1 + h2)[:, :, 0], host(hn2)[:, 0, 0]
+                        hn = hp.sqrt(hp.real(hn2) if cplx else hn2)
+                        hh = hp.real(hp.sum(h * hp.conj(h), axis=-1)) if cplx else hp.sum(h * h, axis=-1)
+                        wn = hp.sqrt(hh + hn * hn)
+                        eh0 = eps * wn
+                        lucky = hn <= eh0
+                        hn = hp.where(lucky, zero_h, hn)
                     anorm = hp.where(live & (wn > anorm), wn, anorm)
-                    lucky = hn <= eh0
-                    hn = hp.where(lucky, zero_h, hn)
                     unlucky = ~lucky
                     scale = hp.where(live & unlucky, one_h / hp.where(lucky, one_h, hn), zero_h)
                     if mutable:
@@ -579,7 +908,7 @@ class GMRES(Solver):
                     # singular on the Krylov space and the residual cannot be reduced further;
                     # the column is left out, so x minimises the residual over the previous
                     # space.
-                    broke = live & ((hp.abs(rr) if cplx else rr) <= piv_tol * anorm)
+                    broke = live & ((hp.abs(rr) if cplx else rr) <= hp.where(lucky, lucky_tol, piv_tol) * anorm)
                     if bool(hp.any(broke)):
                         mon._set(to_dev(broke), BREAKDOWN)
                     live = live & ~broke
@@ -629,6 +958,23 @@ class GMRES(Solver):
             beta = rtrue
             beta_h = host(beta)
         return mon.finish(x, rtrue, info={"cycles": cycles, "restart": m})
+
+
+def _lucky_tol(eps: float, m: int) -> float:
+    """The relative size below which the pivot of a step that ended in a lucky breakdown
+    (``h_{j+1,j} = 0``: the Krylov space is invariant) counts as zero.
+
+    At such a step the last pivot is the only thing that distinguishes a nonsingular ``A M``
+    on the Krylov space (``x`` exact) from a singular one (``b`` outside its range); computed,
+    it carries the rounding of the whole Arnoldi relation, ``||A V - V H||`` of order
+    ``m eps ||A M||`` times the growth of the basis' loss of orthogonality, and on
+    ``diag(1..9, 0)`` came out at 40 ``eps ||A M||``. A pivot below ``1e3 m eps ||A M||``
+    is taken as zero: using it would multiply that rounding into a step of size
+    ``1 / (1e3 m eps)`` times the residual, while a genuine pivot that small belongs to a
+    system whose residual cannot be brought below about ``1e3 m eps`` relative (the
+    rounding of ``A x`` for so large an ``x``), beyond any tolerance a user sets.
+    """
+    return 1e3 * m * eps
 
 
 def _end_cycle(mon, xp, x, r, rtrue, worse, x_start, r_start, beta, factor, est, target, eps, ones_r):

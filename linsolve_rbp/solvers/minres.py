@@ -11,7 +11,7 @@ equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
 
 from __future__ import annotations
 
-from ._base import BREAKDOWN, Monitor, Problem, Solver, dot, norm, verified_rounds
+from ._base import BREAKDOWN, Monitor, Problem, Solver, _given, allreduce_sum, dot, local_dot, norm, verified_rounds
 import math
 
 from ._krylov import fdiv, fmax, host_axpy, host_scalars, real_part, safe_div, scalars, sq_norm, where_of
@@ -120,6 +120,8 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
     # invariant), and a system not solved by then has b outside the range of a singular A.
     anorm = zero
     tiny = 10.0 * float(xp.finfo(prob.real_dtype).eps)
+    # Vectors sharded over ranks (a reduction given): the inner products of a step fused.
+    sharded = _given() is not None
 
     while mon.k < prob.maxiter:
         v = safe_div(xp, one, beta)[:, None] * y
@@ -130,8 +132,16 @@ def _minres(prob: Problem, mon: Monitor, x, r, rnorm):
         r_prev, r_cur = r_cur, y
         y = psolve(r_cur)
         beta_old = beta
-        beta2 = real_part(xp, dot(xp, r_cur, y))
-        mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
+        if sharded:
+            # <r, M r> and the two norms of the indefiniteness test in one collective.
+            beta2, rr, yy = allreduce_sum(xp, local_dot(xp, r_cur, y), local_dot(xp, r_cur, r_cur),
+                                          local_dot(xp, y, y))
+            beta2 = real_part(xp, beta2)
+            roundoff = 100 * xp.finfo(beta2.dtype).eps * xp.sqrt(real_part(xp, rr)) * xp.sqrt(real_part(xp, yy))
+            mon.flag(beta2 < -roundoff, BREAKDOWN)
+        else:
+            beta2 = real_part(xp, dot(xp, r_cur, y))
+            mon.flag(_indefinite(xp, beta2, r_cur, y), BREAKDOWN)
         beta = xp.sqrt(where(beta2 > 0, beta2, zero))
         anorm = xp.maximum(anorm, xp.hypot(xp.hypot(alpha, beta), beta_old))
         ended = beta <= tiny * anorm

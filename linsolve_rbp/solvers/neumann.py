@@ -15,6 +15,8 @@ import numpy as np
 
 from .. import backend as _b
 from ._base import COMPLETED, Monitor, Outcome, Problem, Solver, norm
+from . import _compile
+from ._compile import compiled, requested
 
 
 class Neumann(Solver):
@@ -49,17 +51,28 @@ class Neumann(Solver):
         the newest term in fixed-budget mode.
 
     The callback sees every partial sum.
+
+    With ``compile=True`` (torch tensors) a fixed budget without a callback runs as compiled
+    graphs of up to ``UNROLL`` (``linsolve_rbp.solvers._compile``) terms each (``fullgraph``:
+    no host read until the end; see ``run_budget_compiled``), and otherwise each term is
+    one compiled step, the stopping tests running between steps as without it. The first term
+    is computed eagerly (it carries the check of the first product).
     """
 
     name = "neumann"
     checks_claims = True
     needs_contraction = True
+    compiles = True
 
     def run(self, prob: Problem):
         xp = prob.xp
         x0 = prob.initial_x()
         v = prob.b if prob.x0 is None else prob.b - prob.mv(x0)
         r0 = norm(xp, v)
+        if requested(prob) and prob.fixed_budget and prob.callback is None:
+            # As the loop below starts: a system stopped at x0 (non-finite r0) keeps x0.
+            g = xp.where(xp.isfinite(r0)[:, None], x0 + v, x0)
+            return run_budget_compiled(prob, x0, r0, g, _neumann_chunk, (v,), eager=1)
         if lean_budget(prob, r0):
             mv = prob.mv
             # The same arithmetic as the loop below, without the masks and the monitor.
@@ -81,14 +94,22 @@ class Neumann(Solver):
         # body runs the system is active (update returned False, or settle reopened it), so
         # the masks below would select the new values anyway; skip them.
         unmasked = always_active(mon, prob)
+        step = compiled(_neumann_step, counts=prob.A) if requested(prob) else None
         r_next = None
         while mon.k < prob.maxiter:
-            if r_next is None:
+            # Compiled: the product and the masked update of the loop below, in one step.
+            stepped = step is not None and r_next is None and mon.k > 0
+            if stepped:
+                g_prev = g
+                v, g, rnorm = step(xp, prob.mv, v, g, rnorm, mon.active)
+            elif r_next is None:
                 v = v - prob.mv(v)
             else:
                 # The true residual of the partial sum is the next term, exactly.
                 v, r_next = r_next, None
-            if unmasked:
+            if stepped:
+                pass
+            elif unmasked:
                 g_prev, g = g, g + v
                 rnorm = norm(xp, v)
             else:
@@ -105,6 +126,90 @@ class Neumann(Solver):
                     break
                 r_next, rnorm = go_on
         return mon.close(g, rnorm)
+
+
+def _neumann_step(xp, mv, v, g, rnorm, active):
+    """One masked term of the loop of :meth:`Neumann.run` (compiled with ``compile=True``)."""
+    v = xp.where(active[:, None], v - mv(v), xp.zeros_like(v))
+    return v, g + v, xp.where(active, norm(xp, v), rnorm)
+
+
+def _neumann_chunk(xp, mv, b, steps, state, g, rnorm, track):
+    """``steps`` masked terms of the Neumann series with the monitor's fixed-budget tests
+    (:func:`_track`); ``state = (v,)``, ``g`` the partial sum."""
+    (v,) = state
+    hist = []
+    for _ in range(steps):
+        active = track[0]
+        v = xp.where(active[:, None], v - mv(v), xp.zeros_like(v))
+        g_prev, g = g, g + v
+        rnorm = xp.where(active, norm(xp, v), rnorm)
+        track = _track(xp, rnorm, g_prev, track)
+        hist.append(rnorm)
+    return (v,), g, rnorm, track, xp.stack(hist)
+
+
+def _track(xp, rnorm, cand, track):
+    """What :meth:`Monitor.update` does in fixed-budget mode, on device arrays only:
+    ``track = (active, stop_r, best_r, best_x, divlim)``; a system goes on while its residual
+    norm is at most ``divlim`` (the monitor's divergence limit, or the largest finite value
+    without ``divtol``: a test of finiteness), and ``cand`` (the iterate
+    whose residual ``rnorm`` is) becomes its best iterate where that norm is the smallest yet."""
+    active, stop_r, best_r, best_x, divlim = track
+    # divlim is finite: the test also rejects inf and NaN.
+    go = rnorm <= divlim
+    stop_r = xp.where(active, rnorm, stop_r)
+    better = active & xp.isfinite(rnorm) & (rnorm <= best_r)
+    best_r = xp.where(better, rnorm, best_r)
+    best_x = xp.where(better[:, None], cand, best_x)
+    return active & go, stop_r, best_r, best_x, divlim
+
+
+def run_budget_compiled(prob: Problem, x0, r0, x, chunk, state, eager: int) -> Outcome:
+    """A fixed budget of ``prob.maxiter`` iterations, compiled (``compile=True``): the loop
+    and the monitor's tests (:func:`_track`) run as graphs of up to ``UNROLL`` iterations
+    (``torch.compile(fullgraph=True)``) with no host read between them; the monitor closes
+    the solve from the arrays they return (statuses, best iterate, history), as it closes
+    the uncompiled loop.
+
+    ``chunk(xp, mv, b, steps, state, x, rnorm, track) -> (state, x, rnorm, track, hist)`` runs
+    ``steps`` masked iterations from the iterate ``x`` (the first one, before any product, at
+    the first call) and the method's ``state`` (``hist``: the ``(steps, B)`` residual
+    norms). The first ``eager`` iterations run uncompiled: they carry the facade's
+    check of the first product, which would otherwise be traced into a graph of its own.
+
+    Unlike the uncompiled loop, which stops when every system has failed (it reads the host
+    every ``check_every`` iterations to know), this one always runs ``maxiter`` iterations:
+    failed systems are frozen, with the same statuses and returned iterates, and
+    ``iterations`` is ``maxiter``.
+    """
+    xp = prob.xp
+    mon = Monitor(prob, r0, x0=x0)
+    divlim = mon._divlim
+    if divlim is None:
+        # No divergence test: only the finiteness test, which ``r <= finfo.max`` is.
+        divlim = xp.full(r0.shape, xp.finfo(r0.dtype).max, dtype=r0.dtype, device=prob.device)
+    track = (mon.active, mon._stop_r, mon.best_r, mon.best_x, divlim)
+    rnorm = mon.history[0]
+    hists = []
+    done = 0
+    while done < prob.maxiter:
+        if done == 0 and eager:
+            steps, run = min(eager, prob.maxiter), chunk
+        else:
+            # One graph for the whole budget when it fits, else graphs of UNROLL and one for
+            # the rest.
+            steps, run = min(_compile.UNROLL, prob.maxiter - done), compiled(chunk, counts=prob.A)
+        state, x, rnorm, track, hist = run(xp, prob.mv, prob.b, steps, state, x, rnorm, track)
+        hists.append(hist)
+        done += steps
+    active, stop_r, best_r, best_x, _ = track
+    H = xp.concat(hists, axis=0) if len(hists) > 1 else hists[0]
+    mon.k = done
+    mon.history.extend(H[i] for i in range(done))
+    mon.best_r, mon.best_x = best_r, best_x
+    mon.active, mon._stop_r, mon._dirty = active, stop_r, True
+    return mon.close(x, rnorm)
 
 
 def always_active(mon: Monitor, prob: Problem) -> bool:

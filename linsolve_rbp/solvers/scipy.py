@@ -247,6 +247,9 @@ class ScipyBridge(Solver):
     limit_keyword = "maxiter"
     accepts_preconditioner = True
     batched_products = False
+    #: scipy (and cupyx) see only the arrays handed to them: a vector sharded over ranks would
+    #: be solved as if the local shard were the whole system.
+    accepts_reduction = False
     accepts_fixed_budget = False  # scipy's solvers always test a tolerance
     # CONVERGED only where the true residual of the returned x meets the tolerance (one
     # uncounted product per system).
