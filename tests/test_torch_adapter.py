@@ -8,6 +8,7 @@ et al., 2018), and ``torch.autograd.gradcheck``.
 
 import importlib
 import importlib.util
+import sys
 import warnings
 
 import numpy as np
@@ -878,7 +879,8 @@ def test_adapter_imports_point_downward_only():
                     target = (node.module or "").split(".")[0]
                     if name == "__init__":
                         continue
-                    assert name not in alone or not target, f"{name} imports .{target}"
+                    # the stand-alone modules use only the state layout (_tree)
+                    assert name not in alone or target in ("", "_tree"), f"{name} imports .{target}"
                     assert order.get(target, -1) < order.get(name, 99), f"{name} imports .{target}"
                 for t in targets + absolute:
                     assert not any(part in forbidden for part in t.split(".")), f"{name} imports {t}"
@@ -1267,3 +1269,29 @@ def test_lean_deq_benchmark_runs(capsys):
     out = capsys.readouterr().out
     assert "Neumann-RBP" in out and "BPTT" in out and "gmres vs fixed_point" in out
     assert "hand-written torch.autograd.grad loop" in out
+
+
+def test_deq_layers_warn_at_the_users_line_each_their_own():
+    """A layer module's forward failures are attributed to the line that called the layer (not
+    to the module's own call of fixed_point), so two layers of one model warn separately."""
+    import warnings
+
+    torch.manual_seed(0)
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Linear(4, 4)
+
+        def forward(self, h, x):
+            return torch.tanh(self.W(h) + x)
+
+    first = lrt.DEQ(Cell(), forward_maxiter=2, forward_tol=1e-12)
+    second = lrt.DEQ(Cell(), forward_maxiter=2, forward_tol=1e-12)
+    x = torch.randn(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first(torch.zeros(4), x); line_first = sys._getframe().f_lineno  # noqa: E702
+        second(torch.zeros(4), x); line_second = sys._getframe().f_lineno  # noqa: E702
+    mine = [w for w in caught if issubclass(w.category, lr.ConvergenceWarning)]
+    assert [(w.filename, w.lineno) for w in mine] == [(__file__, line_first), (__file__, line_second)]

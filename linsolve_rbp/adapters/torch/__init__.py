@@ -18,11 +18,16 @@ this list, and none imports the command line, the experiments or the test proble
   :class:`FixedPointInfo` and the per-layer :class:`WarmStart` store.
 - ``baselines``: :func:`unroll`, back-propagation through time (BPTT) and its truncated
   variant (TBPTT), the baselines of the paper.
-- ``penalties``: :func:`column_norm_penalty`, :func:`gershgorin_penalty`, contraction
-  penalties on a dense Jacobian to add to a training loss.
+- ``penalties``: :func:`jacobian_penalty` (the Hutchinson estimate of ``||J||_F^2``),
+  :func:`jacobian_matrix`, and :func:`column_norm_penalty`, :func:`gershgorin_penalty`,
+  penalties on a dense Jacobian; all to add to a training loss.
+- ``dropout``: :class:`VariationalDropout`, one dropout mask per forward solve.
+- ``module``: :class:`DEQ`, the layer as an :class:`torch.nn.Module` with its configuration,
+  train and eval budgets, warm-start store, regularisers and per-call statistics.
 
 No module keeps state: warm starts live in the :class:`WarmStart` a layer is given, and the
-result of a backward pass in the :class:`FixedPointInfo` of the call (and that store).
+result of a backward pass in the :class:`FixedPointInfo` of the call (and that store); a
+:class:`DEQ` keeps its own store and the records of its calls.
 
 References
 ----------
@@ -37,7 +42,9 @@ from .baselines import unroll
 from .implicit import implicit_grad
 from .jacobian import JacobianOperator
 from .layer import FixedPointInfo, WarmStart, fixed_point
-from .penalties import column_norm_penalty, gershgorin_penalty
+from .penalties import column_norm_penalty, gershgorin_penalty, jacobian_matrix, jacobian_penalty
+from .dropout import VariationalDropout, reset_dropout
+from .module import DEQ, DEQCall
 
 __all__ = [
     "JacobianOperator",
@@ -48,4 +55,10 @@ __all__ = [
     "WarmStart",
     "column_norm_penalty",
     "gershgorin_penalty",
+    "jacobian_penalty",
+    "jacobian_matrix",
+    "VariationalDropout",
+    "reset_dropout",
+    "DEQ",
+    "DEQCall",
 ]

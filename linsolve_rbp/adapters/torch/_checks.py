@@ -26,6 +26,7 @@ __all__ = [
     "check_policy",
     "check_jvp",
     "check_f_output",
+    "match_output",
     "as_params",
     "check_adjoint_request",
     "check_solve_options",
@@ -84,22 +85,31 @@ def check_f_output(out, h):
     autocast made it lower precision."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
-    if out.shape != h.shape:
+    if out.shape != h.shape or out.dtype != h.dtype:
+        return match_output(out, h.shape, h.dtype, h.device)
+    return out
+
+
+def match_output(out, shape, dtype, device, got="f(h)", want="h"):
+    """The tensor ``out`` of ``f``'s output (called ``got`` in errors) checked against the
+    state's ``shape`` and ``dtype`` (called ``want``); returned as it is, or cast to ``dtype``
+    where autocast made it lower precision."""
+    if out.shape != shape:
         raise ValueError(
-            f"f must map a state to a state of the same shape: f(h) has shape "
-            f"{tuple(out.shape)} but h has shape {tuple(h.shape)}"
+            f"f must map a state to a state of the same shape: {got} has shape "
+            f"{tuple(out.shape)} but {want} has shape {tuple(shape)}"
         )
-    if out.dtype != h.dtype:
+    if out.dtype != dtype:
         # Under torch.autocast, f's operations run in low precision and return, say, bfloat16
         # for a float32 state; the state (and the adjoint solve) keep the state's dtype, so
         # the output is cast back, differentiably. Outside autocast a dtype change is a bug.
         if (
             out.dtype.is_floating_point
-            and torch.finfo(out.dtype).bits < torch.finfo(h.dtype).bits
-            and autocast_state(h.device) is not None
+            and torch.finfo(out.dtype).bits < torch.finfo(dtype).bits
+            and autocast_state(device) is not None
         ):
-            return out.to(h.dtype)
-        raise TypeError(f"f(h) has dtype {out.dtype} but h has dtype {h.dtype}; they must agree")
+            return out.to(dtype)
+        raise TypeError(f"{got} has dtype {out.dtype} but {want} has dtype {dtype}; they must agree")
     return out
 
 
@@ -220,11 +230,19 @@ def autocast(state):
 
 
 def call_site(depth):
-    """``(filename, lineno, module)`` of the frame ``depth`` levels above the caller."""
+    """``(filename, lineno, module)`` of the frame ``depth`` levels above the caller, or, when
+    that frame is the package's own (the :class:`DEQ` module calling :func:`fixed_point`) or
+    torch's (``nn.Module.__call__``), of the first frame above it that is neither: the user's
+    line, so that warnings point there and each layer of a model has its own."""
     try:
         frame = sys._getframe(depth + 1)
     except ValueError:
         return None
+    first = frame
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("linsolve_rbp.", "torch.")):
+        frame = frame.f_back
+    if frame is None:
+        frame = first
     return frame.f_code.co_filename, frame.f_lineno, frame.f_globals.get("__name__", "")
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ..._validate import nonnegative_int
+from ._tree import Structure, is_structured
 
 __all__ = ["unroll"]
 
@@ -24,9 +25,10 @@ def unroll(f: Callable, h0, steps: int, truncate: int | None = None):
     Parameters
     ----------
     f : callable
-        State -> state of the same shape.
-    h0 : torch.Tensor
-        The starting state.
+        State -> state of the same structure and shapes.
+    h0 : torch.Tensor, or tuple, list or dict of torch.Tensor
+        The starting state: one tensor, or a structure of tensors (nested freely), which ``f``
+        receives and returns as it is.
     steps : int
         Number of iterations (0 returns ``h0``).
     truncate : int, optional
@@ -36,7 +38,7 @@ def unroll(f: Callable, h0, steps: int, truncate: int | None = None):
 
     Returns
     -------
-    torch.Tensor
+    torch.Tensor, or a structure like ``h0``
         The state after ``steps`` iterations.
 
     Raises
@@ -61,21 +63,30 @@ def unroll(f: Callable, h0, steps: int, truncate: int | None = None):
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
-    if not isinstance(h0, torch.Tensor):
-        raise TypeError(f"h0 must be a torch.Tensor, got {type(h0).__name__}")
+    structure = Structure.of(h0, "h0") if is_structured(h0) else None
+    if structure is None and not isinstance(h0, torch.Tensor):
+        raise TypeError(
+            f"h0 must be a torch.Tensor, or a tuple, list or dict of tensors, got {type(h0).__name__}"
+        )
     steps = nonnegative_int(steps, "steps")
     if truncate is not None:
         truncate = nonnegative_int(truncate, "truncate")
         if truncate > steps:
             raise ValueError(f"truncate ({truncate}) must not exceed steps ({steps})")
     recorded = steps if truncate is None else truncate
+    if structure is not None:
+        # f sees the user's structure; each output is checked to keep it (and its shapes).
+        def step(h):
+            return structure.build(structure.check_output(f(h)))
+    else:
+        step = f
     h = h0
     free = steps - recorded
     if free:
         with torch.no_grad():
             for _ in range(free):
-                h = f(h)
-        h = h.detach()
+                h = step(h)
+        h = h.detach() if structure is None else structure.build([t.detach() for t in structure.leaves(h)])
     for _ in range(recorded):
-        h = f(h)
+        h = step(h)
     return h

@@ -14,9 +14,29 @@ import torch
 from ... import backend as _b
 from ..._validate import boolean
 from ...operators import LinearOperator, OperatorMismatchError
-from ._checks import as_params, autocast, autocast_state, check_batch_dims, check_f_output, check_jvp, check_state
+from ._checks import as_params, autocast, autocast_state, check_f_output, check_jvp, flat
+from ._tree import flat_state, is_structured
 
-__all__ = ["JacobianOperator"]
+__all__ = ["JacobianOperator", "under_transform"]
+
+
+def under_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``vjp``,
+    ``jacrev``, ...), where ``requires_grad_()``, ``torch.autograd.grad`` on closed-over
+    tensors and reads of values on the host are not available."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def refuse_transform(what, instead):
+    """Raise the error for ``what`` called inside a ``torch.func`` transform, naming what
+    works there (``instead``)."""
+    if under_transform():
+        raise RuntimeError(
+            f"{what} cannot run inside a torch.func transform (vmap, grad, ...): it records f "
+            f"with torch.autograd and reads values on the host, which those transforms do not "
+            f"allow; {instead}"
+        )
 
 
 class JacobianOperator(LinearOperator):
@@ -31,11 +51,14 @@ class JacobianOperator(LinearOperator):
     Parameters
     ----------
     f : callable
-        Maps a state tensor to a state tensor of the same shape and dtype; it may close over
+        Maps a state to a state of the same structure, shapes and dtype; it may close over
         parameters and inputs (an :class:`torch.nn.Module` call is fine).
-    h : torch.Tensor
-        The state at which ``J`` is taken, any shape, real floating dtype, CPU or CUDA. It is
-        not modified, and the operator does not differentiate into it.
+    h : torch.Tensor, or tuple, list or dict of torch.Tensor
+        The state at which ``J`` is taken: one tensor of any shape, or a structure of tensors
+        (nested freely, sharing one dtype and device), real floating dtype, CPU or CUDA. It is
+        not modified, and the operator does not differentiate into it. A structured state is
+        one vector to the operator: its tensors flattened and concatenated in order (tuples and
+        lists in order, dicts in key order); :meth:`pack` and :meth:`unpack` convert.
     jvp : {"auto", "forward", "double_backward"}
         How ``J @ v`` is computed. ``"forward"``: :func:`torch.func.jvp`, which evaluates ``f``
         (primal and tangent) once per product. ``"double_backward"``: the VJP ``u -> J^T u`` is
@@ -49,7 +72,8 @@ class JacobianOperator(LinearOperator):
         vectors). 1: ``h`` is a batch of ``B`` samples that do not interact; the operator is
         the per-sample block of the block-diagonal Jacobian, of shape ``(m, m)`` with
         ``m = h[0].numel()``, and acts on ``(B, m)`` arrays (row ``i`` against sample ``i``),
-        as :func:`linsolve_rbp.solve` passes them with ``batch_dims=1``.
+        as :func:`linsolve_rbp.solve` passes them with ``batch_dims=1``. Every tensor of a
+        structured state then has the same leading batch axis.
 
     Attributes
     ----------
@@ -61,6 +85,8 @@ class JacobianOperator(LinearOperator):
     jvp_mode : str or None
         The JVP route in use (``"forward"`` or ``"double_backward"``); None before the first
         ``J @ v`` in ``"auto"`` mode.
+    structure : linsolve_rbp.adapters.torch._tree.Structure or None
+        The layout of a structured ``h`` (None for one tensor).
     matvec_count, rmatvec_count : int
         JVPs and VJPs applied so far (a batched product counts once).
 
@@ -71,9 +97,11 @@ class JacobianOperator(LinearOperator):
         dtype of ``h`` (under :func:`torch.autocast`, a lower-precision floating output is
         accepted and cast to the dtype of ``h``).
     ValueError
-        If ``f(h)`` has another shape than ``h``, or ``jvp`` / ``batch_dims`` are invalid.
+        If ``f(h)`` has another shape or structure than ``h``, or ``jvp`` / ``batch_dims``
+        are invalid.
     RuntimeError
-        From any product after :meth:`release`.
+        From any product after :meth:`release`, and inside a ``torch.func`` transform
+        (use ``torch.func.vjp`` / :func:`torch.func.jvp` there).
 
     Notes
     -----
@@ -87,6 +115,11 @@ class JacobianOperator(LinearOperator):
     Constructed inside a :func:`torch.autocast` region, the operator records ``f`` there (and
     re-enters the region for forward-mode JVPs); ``f``'s output is cast to the dtype of ``h``,
     which is the operator's dtype.
+
+    Built under :func:`torch.inference_mode` (which records no graph), the operator records
+    ``f`` in normal mode, so its products are the same as under :func:`torch.no_grad`; where
+    ``f`` uses a tensor created in inference mode that autograd would have to save, only
+    forward-mode ``J @ v`` is available and the other products raise RuntimeError.
 
     With ``batch_dims=1``, ``f`` must treat samples independently (no batch normalisation in
     training mode, no attention across the batch); the operator then equals every diagonal
@@ -102,15 +135,27 @@ class JacobianOperator(LinearOperator):
     tensor([0.6000, 0.3000], dtype=torch.float64)
     >>> J.T @ torch.tensor([1.0, 1.0], dtype=torch.float64)
     tensor([0.5000, 0.4000], dtype=torch.float64)
+
+    A state of two tensors is one vector of 3 entries to the operator:
+
+    >>> g = lambda s: (0.5 * s[0], s[1] + s[0][:1])
+    >>> J2 = lrt.JacobianOperator(g, (torch.zeros(2), torch.zeros(1)))
+    >>> J2.shape, J2.unpack(J2 @ torch.ones(3))
+    ((3, 3), (tensor([0.5000, 0.5000]), tensor([2.])))
     """
 
     def __init__(self, f: Callable, h, *, jvp: str = "auto", batch_dims: int = 0):
         if not callable(f):
             raise TypeError(f"f must be callable, got {type(f).__name__}")
-        check_state(h, "h")
-        batch_dims = check_batch_dims(batch_dims, h)
+        batch_dims, structure, h = flat_state(h, "h", batch_dims)
         jvp = check_jvp(jvp)
-        self._record(f, h, jvp, batch_dims)
+        refuse_transform(
+            "JacobianOperator",
+            "use torch.func.vjp / torch.func.jvp on f there, or batch_dims=1 for the per-sample "
+            "Jacobians of a batch in one operator",
+        )
+        self._record(f if structure is None else structure.wrap(f), h, jvp, batch_dims)
+        self.structure = structure
 
     @classmethod
     def _checked(cls, f, h, jvp: str, batch_dims: int) -> "JacobianOperator":
@@ -118,6 +163,7 @@ class JacobianOperator(LinearOperator):
         :func:`fixed_point`, whose arguments were checked when the layer was called)."""
         self = cls.__new__(cls)
         self._record(f, h, jvp, batch_dims)
+        self.structure = None
         return self
 
     def _record(self, f, h, jvp, batch_dims):
@@ -129,12 +175,18 @@ class JacobianOperator(LinearOperator):
         self._released = False
         # Forward-mode JVPs evaluate f again: under the autocast region f was recorded in.
         self._autocast = autocast_state(h.device)
-        self._h = h.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            out = f(self._h)
+        # Set when torch.inference_mode() kept autograd from recording f: then only
+        # forward-mode products J @ v exist, and the others raise instead of returning zeros.
+        self._unrecorded = False
+        if torch.is_inference_mode_enabled():
+            out = self._record_outside_inference_mode(f, h)
+        else:
+            self._h = h.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = f(self._h)
         self.output = check_f_output(out, h)
         # Whether the record reaches h at all (f constant in h gives J = 0), decided once.
-        self._live = self.output.requires_grad
+        self._live = self.output.requires_grad and not self._unrecorded
         self.f_evals = 1
         if batch_dims == 1:
             self.nbatch = h.shape[0]
@@ -147,6 +199,37 @@ class JacobianOperator(LinearOperator):
         # A Jacobian is in general not symmetric: tag it, so that solve refuses cg / minres on
         # I - J^T up front instead of running them to their iteration limit.
         self._setup((m, m), symmetric=False, **setup)
+
+    def _record_outside_inference_mode(self, f, h):
+        """Under :func:`torch.inference_mode` autograd records nothing, so every product
+        through the record would be zero: record ``f`` in normal mode instead. Where ``f``
+        cannot run there (it uses a tensor made in inference mode that autograd would have to
+        save, or updates one in place: torch refuses both), keep an unrecorded evaluation:
+        forward-mode ``J @ v`` still works, and the products that need the record raise (see
+        :meth:`_refuse_unrecorded`)."""
+        with torch.inference_mode(False):
+            self._h = h.detach().clone().requires_grad_(True)
+            try:
+                with torch.enable_grad():
+                    return f(self._h)
+            except RuntimeError as exc:
+                # "Inference tensors cannot be saved for backward", "Inplace update to
+                # inference tensor outside InferenceMode": f needs inference mode.
+                if "nference tensor" not in str(exc):
+                    raise
+        self._unrecorded = True
+        self._h = h.detach().clone()
+        return f(self._h)
+
+    def _refuse_unrecorded(self, what):
+        if self._unrecorded:
+            raise RuntimeError(
+                f"{what} needs the evaluation of f recorded by autograd, and under "
+                "torch.inference_mode() f could not be recorded (it uses a tensor created in "
+                "inference mode that autograd would have to save, or updates one in place); "
+                "build the operator under torch.no_grad() instead (or, for forward='newton', "
+                "use its jvp='forward', which needs no record)"
+            )
 
     def __repr__(self):
         return (
@@ -184,6 +267,7 @@ class JacobianOperator(LinearOperator):
         # record, the result carries no graph). Measured against a torch.func.vjp closure
         # built once, this is the faster route for a DEQ cell (asv_benchmarks/lean_deq.py).
         if not self._live:
+            self._refuse_unrecorded("J.T @ u (a vector-Jacobian product)")
             return torch.zeros_like(u)
         (g,) = torch.autograd.grad(self.output, self._h, grad_outputs=u, retain_graph=True, allow_unused=True)
         return torch.zeros_like(u) if g is None else g.detach()
@@ -199,11 +283,13 @@ class JacobianOperator(LinearOperator):
 
     def _jvp_double_backward(self, v):
         if self._dbl is None:
+            self._refuse_unrecorded("J @ v by double backward (jvp='double_backward')")
             if not self.output.requires_grad:
                 self._dbl = (None, None)
             else:
-                u = torch.zeros_like(self.output, requires_grad=True)
-                with torch.enable_grad():
+                # The graph of the VJP in u is recorded in normal mode (inference mode records none).
+                with torch.inference_mode(False), torch.enable_grad():
+                    u = torch.zeros_like(self.output, requires_grad=True)
                     (g,) = torch.autograd.grad(
                         self.output, self._h, grad_outputs=u, create_graph=True, retain_graph=True, allow_unused=True
                     )
@@ -245,14 +331,35 @@ class JacobianOperator(LinearOperator):
         self.rmatvec_count += 1
         return self._rmatvec(x)
 
+    # -- states <-> vectors ---------------------------------------------------------------------
+    def pack(self, state):
+        """A state (of ``h``'s shape, or of its structure) as the flat vector the operator acts
+        on: ``(n,)``, or ``(B, m)`` with ``batch_dims=1``."""
+        if self.structure is not None:
+            return self.structure.pack(state, "state")
+        if not isinstance(state, torch.Tensor) or tuple(state.shape) != self.state_shape:
+            raise ValueError(
+                f"state must be a tensor of shape {self.state_shape} (the shape of h), got "
+                f"{type(state).__name__} of shape {tuple(getattr(state, 'shape', ()))}"
+            )
+        return flat(state, self.batch_dims)
+
+    def unpack(self, v):
+        """A flat vector (``(n,)``, or ``(B, m)`` with ``batch_dims=1``) as a state: a tensor
+        of ``h``'s shape, or ``h``'s structure of tensors (views of ``v``)."""
+        if self.structure is not None:
+            return self.structure.unpack(v.reshape(self.state_shape))
+        return v.reshape(self.state_shape)
+
     # -- parameters ------------------------------------------------------------------------------
     def vjp_params(self, z, params, *, release: bool = False):
         """``z^T df/dp`` for each tensor ``p`` of ``params``, from the recorded evaluation.
 
         Parameters
         ----------
-        z : torch.Tensor
-            A flat vector ``(n,)`` (``(B, m)`` with ``batch_dims=1``) or a state-shaped tensor.
+        z : torch.Tensor, or a state of ``h``'s structure
+            A flat vector ``(n,)`` (``(B, m)`` with ``batch_dims=1``), a state-shaped tensor,
+            or, for a structured ``h``, a state of that structure.
         params : sequence of torch.Tensor
             Tensors ``f`` closes over that require grad (leaves or not).
         release : bool
@@ -264,8 +371,19 @@ class JacobianOperator(LinearOperator):
             One gradient per parameter, zeros for parameters ``f`` does not use.
         """
         self._check_alive("vjp_params")
+        self._refuse_unrecorded("vjp_params")
         release = boolean(release, "release")
         params = as_params(params)
+        if self.structure is not None and is_structured(z):
+            z = self.structure.pack(z, "z")
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"z must be a torch.Tensor (or a state of h's structure), got {type(z).__name__}")
+        n = self.shape[0] * (self.nbatch if self.batch_dims == 1 else 1)
+        if z.numel() != n:
+            raise ValueError(
+                f"z must have {n} entries (a state of shape {self.state_shape}, flat or not), got "
+                f"shape {tuple(z.shape)}"
+            )
         z = z.reshape(self.state_shape).to(dtype=self.output.dtype)
         if self.output.requires_grad and params:
             grads = torch.autograd.grad(

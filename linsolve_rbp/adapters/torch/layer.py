@@ -20,7 +20,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ... import backend as _b
 from ..._result import SolveResult, Status
 from ..._validate import ArgumentTypeError, boolean, nonnegative_real, positive_int
 from ..._warnings import warn_failure
@@ -32,16 +31,18 @@ from ._checks import (
     autocast_state,
     call_site,
     check_adjoint_request,
-    check_batch_dims,
     check_f_output,
     check_jvp,
     check_policy,
     prepare_solve,
-    check_state,
     flat,
     nonfinite_error,
 )
-from .jacobian import JacobianOperator
+from .forward import check_forward, solve_forward
+from ._tree import flat_state
+from .compiled import fixed_budget_series, fixed_point_compiled, series_terms
+from .implicit import APPROXIMATE_METHODS, approximate_adjoint, check_approximate
+from .jacobian import JacobianOperator, under_transform
 
 __all__ = ["fixed_point", "FixedPointInfo", "WarmStart"]
 
@@ -137,12 +138,20 @@ class FixedPointInfo:
     Attributes
     ----------
     forward : linsolve_rbp.SolveResult
-        The forward iteration: ``iterations`` applications of ``f``, ``residual_norm`` the last
-        step ``||f(h) - h||`` (per sample with ``batch_dims=1``), status CONVERGED,
-        MAX_ITERATIONS, COMPLETED (``forward_tol=None``) or NONFINITE. ``x`` is ``h*``.
+        The forward solve: ``method`` the forward method (``"iterate"``, ``"anderson"``,
+        ``"broyden"``, ``"newton"``), ``iterations``, ``residual_norm`` (for ``"iterate"`` the
+        last step ``||f(h) - h||``, for the others the residual of ``h*``; per sample with
+        ``batch_dims=1``), ``residual_history``, status CONVERGED, MAX_ITERATIONS, COMPLETED
+        (``forward_tol=None``) or NONFINITE (``statuses`` per sample with ``batch_dims=1``),
+        ``info`` (``f_evals``, and what the method did: Newton's ``jvps`` and
+        ``inner_iterations``, ...; see ``linsolve_rbp.adapters.torch.forward.solve_forward``).
+        ``x`` is ``h*``.
     backward : linsolve_rbp.SolveResult or None
         The adjoint solve of the latest backward pass through this call; None until then
-        (set before the failure policy acts, so also when ``backward()`` raises).
+        (set before the failure policy acts, so also when ``backward()`` raises). For the
+        approximate methods its ``method`` is ``"phantom"`` or ``"jfb"`` and its status
+        COMPLETED (NONFINITE where NaN or inf appeared); ``x`` is ``z`` (flat: for a
+        structured state, its tensors' parts in order).
     backward_results : list of linsolve_rbp.SolveResult
         Every adjoint solve through this call (more than one when back-propagating several
         times with ``retain_graph=True``).
@@ -154,55 +163,6 @@ class FixedPointInfo:
 
 
 # -- the fixed-point layer ------------------------------------------------------------------
-def _forward_iterate(f, h0, maxiter, tol, batch_dims):
-    h = h0.detach()
-    history = []
-    status = None
-    k = 0
-    # Norms of half-precision states are accumulated in float32 (and reported as floats).
-    ndtype = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else None
-    with torch.no_grad():
-        for k in range(1, maxiter + 1):
-            h_new = check_f_output(f(h), h0)
-            step = flat(h_new - h, batch_dims)
-            dnorm = torch.linalg.vector_norm(step, dim=-1, dtype=ndtype)
-            history.append(dnorm)
-            h = h_new
-            if not bool(torch.isfinite(dnorm).all()):
-                status = Status.NONFINITE
-                break
-            if tol is not None:
-                hnorm = torch.linalg.vector_norm(flat(h, batch_dims), dim=-1, dtype=ndtype)
-                if bool((dnorm <= tol * torch.clamp(hnorm, min=1.0)).all()):
-                    status = Status.CONVERGED
-                    break
-    if status is None:
-        status = Status.COMPLETED if tol is None else Status.MAX_ITERATIONS
-    hist = np.stack([_b.to_numpy(d).astype(float) for d in history]) if history else np.zeros((0,))
-    last = hist[-1] if len(hist) else np.zeros(() if batch_dims == 0 else (h.shape[0],))
-    batched = batch_dims == 1
-    if tol is None:
-        thr = "no tolerance (forward_tol=None)"
-    else:
-        thr = f"forward_tol {tol:.1e}"
-    hint = {
-        Status.MAX_ITERATIONS: "; raise forward_maxiter, loosen forward_tol, or make f contracting",
-        Status.NONFINITE: "; the iteration produced NaN or inf: f is not contracting from h0",
-    }.get(status, "")
-    message = (
-        f"{status.name.lower()} after {k} iterations, last step "
-        f"norm {float(np.max(last)):.3e} ({thr}){hint}"
-    )
-    result = SolveResult(
-        x=h, status=status, converged=status is Status.CONVERGED, success=status.success,
-        iterations=k, matvecs=0, rmatvecs=0,
-        residual_norm=last if batched else float(last),
-        residual_history=hist, message=message,
-        method="forward", statuses=None, info={},
-    )
-    return h, result
-
-
 class _ZeroGradTo(torch.autograd.Function):
     """Identity on ``y``; gives ``h0`` a zero gradient (a fixed point does not depend on where
     the iteration started)."""
@@ -222,7 +182,12 @@ class _ZeroGradTo(torch.autograd.Function):
 def _graph_leaves(output, exclude):
     """The leaf tensors (AccumulateGrad nodes' ``.variable``) that ``output``'s graph reaches,
     except ``exclude``."""
-    leaves, seen, stack = [], set(), [output.grad_fn]
+    return _node_leaves(output.grad_fn, exclude)
+
+
+def _node_leaves(node, exclude):
+    """The leaf tensors the graph below the autograd node ``node`` reaches, except ``exclude``."""
+    leaves, seen, stack = [], set(), [node]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -314,18 +279,13 @@ class _FiniteGradGuard:
             )
 
 
-class _AdjointHook:
-    """Replaces the gradient ``g`` arriving at ``f(h*)`` by the solution ``z`` of
-    ``(I - J^T) z = g``; autograd then carries ``z`` through the graph of ``f`` to everything
-    ``f`` closes over."""
+class _BackwardHook:
+    """What the backward hooks share: the right-hand side made from the gradient ``g``
+    arriving at ``f(h*)``, and the adjoint's result reported and returned in ``g``'s place."""
 
-    def __init__(self, f, h_star, prepared, jvp, on_failure, warm, batch_dims, info,
-                 location=None, autocast_region=None):
+    def __init__(self, f, h_star, on_failure, warm, batch_dims, info, location, autocast_region):
         self.f = f
         self.h_star = h_star
-        # The adjoint solve, its options validated once when fixed_point was called.
-        self.prepared = prepared
-        self.jvp = jvp
         self.on_failure = on_failure
         self.warm = warm
         self.batch_dims = batch_dims
@@ -333,40 +293,303 @@ class _AdjointHook:
         self.location = location  # the line that called fixed_point: warnings point there
         self.autocast_region = autocast_region  # where fixed_point ran f; re-entered for J
 
-    def __call__(self, g):
-        if g is None:  # an undefined gradient (no loss depends on the output) stays undefined
-            return None
+    def _rhs(self, g, where):
+        """``g`` as the adjoint's right-hand side: flat, detached, in the state's dtype."""
+        if torch.is_grad_enabled():  # backward(create_graph=True): z would carry no graph
+            raise RuntimeError(_double_backward_message(where))
         b = flat(g.detach(), self.batch_dims)
         if b.dtype != self.h_star.dtype:
             b = b.to(self.h_star.dtype)
-        with autocast(self.autocast_region):
-            # f, h* and the options were checked when fixed_point was called.
-            J = JacobianOperator._checked(self.f, self.h_star, self.jvp, self.batch_dims)
-        A = IdentityOperator(J.shape[0], like=b) - J.T
-        x0 = self.warm.get(b) if self.warm is not None else None
-        try:
-            result = self.prepared(A, b, x0)
-            leaves = _graph_leaves(J.output, J._h) if J.output.requires_grad else []
-        finally:
-            J.release()
-        # The result belongs to this call (its info) and to the layer's store, if it has one.
+        return b
+
+    def _report(self, result, context):
+        """The result belongs to this call (its info) and to the layer's store, if it has
+        one; then the failure policy acts."""
         self.info.backward = result
         self.info.backward_results.append(result)
         if self.warm is not None:
             self.warm.last_result = result
-        apply_policy(result, self.on_failure, "fixed_point backward (adjoint solve)", stacklevel=2,
-                     location=self.location)
-        if self.warm is not None:
-            self.warm.store(result.x)
+        apply_policy(result, self.on_failure, context, stacklevel=3, location=self.location)
+
+    def _deliver(self, result, leaves, g):
+        """``z`` in ``g``'s shape and dtype, with the non-finite gradient guard on ``leaves``."""
         if leaves:
             _FiniteGradGuard(leaves, result, self.on_failure, self.location)
         return result.x.reshape(g.shape).to(g.dtype)
+
+
+class _AdjointHook(_BackwardHook):
+    """Replaces the gradient ``g`` arriving at ``f(h*)`` by the solution ``z`` of
+    ``(I - J^T) z = g``; autograd then carries ``z`` through the graph of ``f`` to everything
+    ``f`` closes over."""
+
+    def __init__(self, f, h_star, prepared, jvp, on_failure, warm, batch_dims, info,
+                 location=None, autocast_region=None):
+        super().__init__(f, h_star, on_failure, warm, batch_dims, info, location, autocast_region)
+        # The adjoint solve, its options validated once when fixed_point was called.
+        self.prepared = prepared
+        self.jvp = jvp
+
+    def __call__(self, g):
+        if g is None:  # an undefined gradient (no loss depends on the output) stays undefined
+            return None
+        b = self._rhs(g, "fixed_point backward")
+        with autocast(self.autocast_region):
+            # f, h* and the options were checked when fixed_point was called.
+            J = JacobianOperator._checked(self.f, self.h_star, self.jvp, self.batch_dims)
+        x0 = self.warm.get(b) if self.warm is not None else None
+        try:
+            result = None
+            if x0 is None and self.prepared.can_series:
+                # Fixed-budget neumann / fixed_point from zero: the series summed on the VJPs
+                # themselves, the full path's result without its per-call and per-term work
+                # (None when the terms need the full path's handling), in the state's shape.
+                stash = None
+                engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+                out, h_in = J.output, J._h
+                if (
+                    engine is not None and hasattr(torch._C, "_stash_obj_in_tls") and J._live
+                    and out.dtype == b.dtype and tuple(out.shape) == J.state_shape
+                ):
+                    # What torch.autograd.grad runs for each product, without its per-call
+                    # argument checks and bookkeeping (about 15 us of a 70 us VJP of a
+                    # d = 192 cell): the cotangents are the state-shaped terms of b's dtype,
+                    # valid by construction, and the context autograd.grad stashes for the
+                    # engine's device threads is stashed once for all of them.
+                    run, outs, ins = engine.run_backward, (out,), (h_in,)
+                    public = [False]
+
+                    def vjp(u):
+                        if not public[0]:
+                            try:
+                                (gu,) = run(outs, (u,), True, False, ins, True, False)
+                            except TypeError:
+                                # An engine whose private signature differs from the one this
+                                # route was written for (torch 2.1-2.13): the public route.
+                                public[0] = True
+                            else:
+                                return torch.zeros_like(u) if gu is None else gu
+                        return J._vjp(u)
+
+                    import contextvars
+
+                    stash = contextvars.copy_context()
+                else:
+                    vjp = J._vjp
+                if stash is None:
+                    result = self.prepared.series(vjp, b.reshape(J.state_shape), b.shape)
+                else:
+                    torch._C._stash_obj_in_tls("context", stash)
+                    try:
+                        result = self.prepared.series(vjp, b.reshape(J.state_shape), b.shape)
+                    finally:
+                        torch._C._remove_obj_from_tls("context")
+            if result is None:
+                A = IdentityOperator(J.shape[0], like=b) - J.T
+                result = self.prepared(A, b, x0)
+            leaves = _graph_leaves(J.output, J._h) if J.output.requires_grad else []
+        finally:
+            J.release()
+        self._report(result, "fixed_point backward (adjoint solve)")
+        if self.warm is not None:
+            self.warm.store(result.x)
+        return self._deliver(result, leaves, g)
+
+
+def _double_backward_message(where):
+    """The error for a second derivative through the layer (``create_graph=True``, or a
+    ``torch.func`` transform differentiating inside another)."""
+    return (
+        f"{where}: a second derivative through fixed_point (backward with create_graph=True, "
+        "torch.func.hessian, jvp of grad, grad of grad) is not supported: the adjoint z is "
+        "computed without a graph and h* is found without one, so it would miss the terms "
+        "through z and h*; differentiate once (create_graph=False), or, for exact second "
+        "derivatives, unroll the iteration with lrt.unroll(f, h0, steps) (BPTT)"
+    )
+
+
+class _ApproximateHook(_BackwardHook):
+    """Replaces the gradient ``g`` arriving at ``f(h*)`` by an approximate adjoint (phantom
+    gradient or Jacobian-free backprop, see
+    :func:`linsolve_rbp.adapters.torch.implicit.approximate_adjoint`), reported in the call's
+    :class:`FixedPointInfo` as the exact methods are. ``node`` is the ``grad_fn`` of ``f(h*)``,
+    whose leaves the non-finite gradient guard watches when no Jacobian is recorded (jfb)."""
+
+    def __init__(self, f, h_star, method, approximate, on_failure, warm, batch_dims, info,
+                 location=None, autocast_region=None, node=None):
+        super().__init__(f, h_star, on_failure, warm, batch_dims, info, location, autocast_region)
+        self.method = method
+        self.steps = approximate["steps"]
+        self.damping = approximate["damping"]
+        self.node = node
+
+    def __call__(self, g):
+        if g is None:
+            return None
+        b = self._rhs(g, f"fixed_point backward ({self.method})")
+        J = None
+        if self.steps > 1:  # one step (jfb) applies no Jacobian product: nothing to record
+            with autocast(self.autocast_region):
+                J = JacobianOperator._checked(self.f, self.h_star, "auto", self.batch_dims)
+        try:
+            result = approximate_adjoint(None if J is None else J._rmatvec, b, self.method, self.steps,
+                                         self.damping, self.batch_dims)
+            if J is not None:
+                leaves = _graph_leaves(J.output, J._h) if J.output.requires_grad else []
+            else:
+                leaves = _node_leaves(self.node, None)
+        finally:
+            if J is not None:
+                J.release()
+        # The store keeps the result, but stores no x: phantom and jfb start from zero.
+        self._report(result, f"fixed_point backward ({self.method} adjoint)")
+        return self._deliver(result, leaves, g)
+
+
+def _prepare_backward(method, options, batch_dims):
+    """The exact adjoint solve's options, validated (naming ``backward``); an unknown method
+    name is told the approximate ones too."""
+    try:
+        return prepare_solve(method, dict(options, batch_dims=batch_dims), "backward")
+    except ValueError as exc:
+        if "method must be one of" not in str(exc):
+            raise
+        raise ValueError(
+            f"{exc}; or, for an approximate gradient, {' or '.join(map(repr, APPROXIMATE_METHODS))} "
+            "(backward={'method': 'phantom', 'steps': k, 'damping': lam} or {'method': 'jfb'})"
+        ) from None
+
+
+_TRANSFORM_BACKWARD = (
+    "backward={'method': 'neumann', 'rtol': None, 'atol': None, 'maxiter': K} (or 'fixed_point' "
+    "with the same budget), {'method': 'phantom', 'steps': k, 'damping': lam} or {'method': 'jfb'}"
+)
+
+
+def _transformed(f, h0, forward_method, forward_options, maxiter, tol, method, prepared, approximate,
+                 warm, batch_dims):
+    """:func:`fixed_point` inside a ``torch.func`` transform (``vmap``, ``grad``, ...): fixed
+    budgets, no host reads, no hooks.
+
+    The forward runs ``forward_maxiter`` iterations under :func:`torch.no_grad`. The backward is
+    built into the graph: with ``e_0 = 0`` and ``e_{j+1} = (1 - lam) e_j + lam (f(h* + e_j) -
+    sg(f(h* + e_j)))`` (``sg``: detach) for ``T`` steps, the output is ``sg(f(h*)) + e_T``, whose
+    value is ``f(h*)`` exactly (every ``e_j`` is zero) and whose gradient is ``z^T df/dw`` with
+    ``z = lam sum_{i<T} ((1 - lam) I + lam J^T)^i g`` and every Jacobian taken at ``h*``: the
+    fixed-budget Neumann series (``lam = 1``, ``T = maxiter + 1`` for neumann, ``maxiter``
+    for fixed_point), the phantom gradient (``T = steps``, ``lam = damping``) or jfb (``T = 1``).
+    """
+    where = "fixed_point inside a torch.func transform (vmap, grad, ...)"
+    if tol is not None:
+        raise ValueError(
+            f"{where} needs a fixed forward budget: pass forward_tol=None (it then runs exactly "
+            "forward_maxiter iterations); a tolerance test reads values on the host, which the "
+            "transforms do not allow"
+        )
+    if forward_method != "iterate":
+        raise ValueError(
+            f"{where} needs forward='iterate' (with forward_tol=None), got forward="
+            f"{forward_method!r}: the other forward methods take decisions on values on the host"
+        )
+    tau = float(forward_options.get("tau", 1.0))
+    if warm is not None:
+        raise ValueError(f"{where} cannot keep a warm-start store: pass warm_start=None")
+    h = h0.detach()
+    with torch.no_grad():
+        for _ in range(maxiter):
+            h = f(h) if tau == 1.0 else h + tau * (f(h) - h)
+    h = h.detach()
+    out = h
+    if torch.is_grad_enabled():
+        y = f(h)
+        out = y.detach()
+        if _tracked(y):  # a gradient can reach f's inputs: build the adjoint into the graph
+            if _differentiating_levels() > 1:
+                raise RuntimeError(_double_backward_message(where))
+            steps, lam = _transform_budget(method, prepared, approximate, where)
+            e = lam * (y - out)
+            for _ in range(steps - 1):
+                y = f(h + e)
+                e = (1.0 - lam) * e + lam * (y - y.detach())
+            out = out + e
+    nan = np.full((h.shape[0],), np.nan) if batch_dims == 1 else float("nan")
+    fwd = SolveResult(
+        x=h, status=Status.COMPLETED, converged=False, success=True,
+        iterations=maxiter, matvecs=0, rmatvecs=0, residual_norm=nan,
+        residual_history=np.zeros((0,)),
+        message=(
+            f"completed forward_maxiter={maxiter} iterations inside a torch.func transform; "
+            "residuals are not measured there (that would read values on the host)"
+        ),
+        method="iterate",
+        statuses=None if batch_dims == 0 else (Status.COMPLETED,) * h.shape[0],
+        info={"f_evals": maxiter, "transform": True},
+    )
+    return out, FixedPointInfo(forward=fwd)
+
+
+def _refuse_forward_ad(out):
+    """Forward-mode AD (``torch.autograd.forward_ad``) would give ``f(h*)`` the tangent of one
+    application of ``f`` at a detached ``h*``, not the implicit one: refuse it, naming the
+    route that gives the implicit tangent."""
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", -1) >= 0 and forward_ad.unpack_dual(out).tangent is not None:
+        raise RuntimeError(
+            "fixed_point does not propagate torch.autograd.forward_ad tangents (the tangent of "
+            "h* would miss the factor (I - J)^{-1}); use torch.func.jvp or torch.func.jacfwd "
+            "with forward_tol=None and backward={'method': 'neumann', 'rtol': None, 'atol': "
+            "None, 'maxiter': K}, which give the implicit tangent"
+        )
+
+
+def _differentiating_levels() -> int:
+    """How many ``torch.func`` transforms that differentiate (``grad``, ``vjp``, ``jacrev``,
+    ``jvp``, ``jacfwd``) are active: two or more ask for a second derivative."""
+    functorch = torch._C._functorch
+    differentiating = (functorch.TransformType.Grad, functorch.TransformType.Jvp)
+    return sum(i.key() in differentiating for i in (functorch.get_interpreter_stack() or ()))
+
+
+def _tracked(t) -> bool:
+    """Whether a derivative may be taken through ``t``: a differentiating torch.func transform
+    (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ...) is active, or autograd tracks the
+    tensor ``t`` wraps at some level (under ``torch.func.vmap`` a batched tensor reports
+    ``requires_grad=False`` even where the tensor it wraps requires grad)."""
+    functorch = torch._C._functorch
+    differentiating = (functorch.TransformType.Grad, functorch.TransformType.Jvp)
+    if any(i.key() in differentiating for i in (functorch.get_interpreter_stack() or ())):
+        return True
+    while True:
+        if t.requires_grad:
+            return True
+        if not functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = functorch.get_unwrapped(t)
+
+
+def _transform_budget(method, prepared, approximate, where):
+    """``(T, lam)`` of the backward built into the graph under a torch.func transform; an
+    error naming the options that work for a backward that needs host reads."""
+    if approximate is not None:
+        return approximate["steps"], approximate["damping"]
+    opts = dict(prepared.options)
+    ok, _, got = fixed_budget_series(
+        method, opts, ("rtol", "atol", "maxiter", "batch_dims", "divtol", "check_every"))
+    if not ok:
+        raise ValueError(
+            f"{where} needs a fixed-budget backward without host reads: {_TRANSFORM_BACKWARD}; "
+            f"got {got}" + ("" if method in ("neumann", "fixed_point") else
+                            f" ({method} decides on values on the host)")
+        )
+    return series_terms(method, opts["maxiter"]), 1.0
 
 
 def fixed_point(
     f: Callable,
     h0,
     *,
+    forward="iterate",
     forward_maxiter: int = 50,
     forward_tol: float | None = 1e-6,
     backward: dict | None = None,
@@ -378,8 +601,9 @@ def fixed_point(
     """A differentiable fixed point ``h* = f(h*)`` whose backward pass is recurrent
     back-propagation.
 
-    The forward pass iterates ``h <- f(h)`` from ``h0`` under :func:`torch.no_grad` (no graph,
-    so memory does not grow with the iterations) until the step is small, then applies ``f``
+    The forward pass solves ``h = f(h)`` from ``h0`` under :func:`torch.no_grad` (no graph,
+    so memory does not grow with the iterations; by default plain iteration ``h <- f(h)``)
+    until the residual is small, then applies ``f``
     once more with the graph kept and returns that ``f(h*)``. In the backward pass the gradient
     ``g`` arriving at the output is replaced by the solution ``z`` of ``(I - J^T) z = g``
     (``J = df/dh`` at ``h*``), which autograd carries through that one evaluation of ``f`` to
@@ -389,26 +613,55 @@ def fixed_point(
     Parameters
     ----------
     f : callable
-        State -> state of the same shape and dtype; closes over its parameters and inputs.
-    h0 : torch.Tensor
-        The starting state. It gets a zero gradient: the fixed point does not depend on it.
+        State -> state of the same structure, shapes and dtype; closes over its parameters and
+        inputs.
+    h0 : torch.Tensor, or tuple, list or dict of torch.Tensor
+        The starting state: one tensor, or a structure of tensors (nested freely, one dtype and
+        device; a multiscale DEQ's resolutions, say). ``f`` receives and returns the structure
+        as it is; inside, the state is one vector (its tensors flattened and concatenated in
+        order), for the forward solver and the adjoint solve alike. It gets a zero gradient:
+        the fixed point does not depend on it.
+    forward : str or dict
+        The forward solver: ``"iterate"`` (plain iteration, the default), ``"anderson"``
+        (Anderson acceleration), ``"broyden"`` (Broyden's method), ``"newton"`` (Newton-Krylov:
+        each step solves ``(I - J) dh = f(h) - h`` with this package's gmres on
+        Jacobian-vector products, with a backtracking line search), or a dict
+        ``{"method": name, **options}``. Options: ``"iterate"``: ``tau`` (damping, 1.0);
+        ``"anderson"``: ``m`` (memory, 5), ``lam`` (regularisation, relative, 1e-8), ``tau``
+        (mixing, 1.0); ``"broyden"``: ``memory`` (rank of the inverse-Jacobian update, None:
+        unbounded), ``line_search`` (False), ``max_backtracks`` (8); ``"newton"``:
+        ``inner_rtol`` (1e-3), ``inner_maxiter`` (20), ``restart`` (gmres restart), ``line_search``
+        (True), ``tau`` (first step length, 1.0), ``max_backtracks`` (8), ``jvp``
+        (``"auto"``); see ``linsolve_rbp.adapters.torch.forward``. The forward and backward
+        methods are chosen independently: the gradient is the implicit one either way.
     forward_maxiter : int
-        Maximum number of forward iterations.
+        Maximum number of forward iterations (of any forward method).
     forward_tol : float or None
         Stop when ``||f(h) - h|| <= forward_tol * max(1, ||f(h)||)`` (per sample with
-        ``batch_dims=1``, all samples must meet it). None runs exactly ``forward_maxiter``
-        iterations.
+        ``batch_dims=1``: a sample that meets it stops changing; all must meet it for
+        success). None runs exactly ``forward_maxiter`` iterations.
     backward : dict, optional
         The adjoint solve: ``method`` (any of :func:`linsolve_rbp.methods`, default
         ``"gmres"``), ``jvp`` (see :class:`JacobianOperator`) and any option of
         :func:`linsolve_rbp.solve` (``rtol``, ``atol``, ``maxiter``, ...) or of the method.
         Validated at this call, not in ``backward()``; ``x0``, ``batch_dims``, ``throw`` and
         ``on_failure`` are set by :func:`fixed_point` and refused here. Default
-        ``{"method": "gmres", "rtol": 1e-6}``.
+        ``{"method": "gmres", "rtol": 1e-6}``. Or an approximate gradient:
+        ``{"method": "phantom", "steps": k, "damping": lam}`` (``damping`` in ``(0, 1]``,
+        default 1), the phantom gradient of Geng et al. (2021): the gradient of ``k`` damped
+        steps ``h <- (1 - lam) h + lam f(h)`` unrolled from ``h*``, computed as
+        ``z = lam sum_{i<k} ((1 - lam) I + lam J^T)^i g`` with ``k - 1`` vector-Jacobian
+        products at ``h*`` (memory constant in ``k``); or ``{"method": "jfb"}``, Jacobian-free
+        backprop (Fung et al., 2022): ``z = g``, the gradient through one application of ``f``
+        at ``h*``, no product. Both are reported like the solves (``info.backward`` with method
+        ``"phantom"``/``"jfb"``, status COMPLETED, ``matvecs`` the products, the free residual
+        estimate of the fixed_point method) and start from zero (a warm-start store keeps
+        only their ``last_result``).
     on_failure : {"warn", "raise", "ignore"}
-        Applied to the forward iteration (tolerance not met in ``forward_maxiter``, or
-        non-finite states) and to the adjoint solve: a :class:`linsolve_rbp.ConvergenceWarning`
-        with the result's message (deduplicated per call site, see
+        Applied to the forward solve (tolerance not met in ``forward_maxiter``, or
+        non-finite states; when it fails, ``f`` is evaluated twice more at ``h*`` and the
+        message says so if ``f`` is random, dropout for example) and to the adjoint solve: a
+        :class:`linsolve_rbp.ConvergenceWarning` with the result's message (deduplicated per call site, see
         :func:`linsolve_rbp.show_all_convergence_warnings`), a :class:`linsolve_rbp.SolveError`,
         or nothing. Non-finite gradients are handled as by :func:`implicit_grad`: an error with
         ``"raise"``, otherwise (even with ``"ignore"``) a warning and the entries set to zero.
@@ -427,7 +680,7 @@ def fixed_point(
 
     Returns
     -------
-    h : torch.Tensor
+    h : torch.Tensor, or a structure like ``h0``
         ``f(h*)``, differentiable with respect to everything ``f`` closes over (``h*`` itself,
         without a graph, when gradients are disabled).
     info : FixedPointInfo
@@ -440,6 +693,10 @@ def fixed_point(
     linsolve_rbp.SolveError
         With ``on_failure="raise"``, from the forward pass when it did not converge, and from
         ``backward()`` when the adjoint solve did not or a gradient is not finite.
+    RuntimeError
+        Under ``torch.autograd.forward_ad`` (dual tensors), whose tangent would not be the
+        implicit one; ``torch.func.jvp`` and ``torch.func.jacfwd`` with fixed budgets give it
+        (see the Notes).
 
     Notes
     -----
@@ -449,11 +706,37 @@ def fixed_point(
     pass records the Jacobian), its output is cast to the dtype of ``h0``, and the adjoint
     solve runs in that dtype. Warnings of the backward pass point at the line that called
     :func:`fixed_point`. Each backward pass
-    evaluates ``f`` once more, at ``h*``, to record the Jacobian for the adjoint solve. The
-    adjoint solution ``z`` has no graph: double backward (``create_graph=True``) through a
-    fixed point is not supported. The adjoint result belongs to the call: it is
+    evaluates ``f`` once more, at ``h*``, to record the Jacobian for the adjoint solve (``"jfb"``
+    applies no Jacobian product and records none). The adjoint solution ``z`` has no graph:
+    double backward (``create_graph=True``) through a fixed point is not supported and raises
+    RuntimeError, whatever the backward method (for exact second derivatives differentiate
+    :func:`unroll`). The adjoint result belongs to the call: it is
     ``info.backward`` (``return_info=True``) and, with a store, ``warm_start.last_result``;
     nothing is kept at module level, so layers and threads do not see each other's results.
+
+    Inside ``torch.func`` transforms (``torch.func.vmap``, ``torch.func.grad``,
+    ``vmap(grad(loss))`` for per-sample gradients, forward mode with ``torch.func.jvp`` and
+    ``torch.func.jacfwd``) nothing may read values on the host and
+    tensor hooks are not available, so there the layer needs fixed budgets:
+    ``forward="iterate"`` with ``forward_tol=None`` (``forward_maxiter`` iterations), and, when
+    a gradient is taken, ``backward={"method": "neumann", "rtol": None, "atol": None,
+    "maxiter": K}`` (or ``"fixed_point"`` with the same budget), ``"phantom"`` or ``"jfb"``;
+    anything else is refused with an error that names these options. The backward is then
+    built into the graph as ``T`` evaluations of ``f`` at ``h*`` plus zero-valued
+    perturbations (``T = K + 1`` for neumann, ``K`` for fixed_point, ``k`` for phantom, 1 for
+    jfb), whose gradient is the same series with every Jacobian at ``h*`` as the hook's; the
+    output's value is ``f(h*)`` exactly; it is a first derivative only (``h*`` has no graph),
+    so a transform differentiating inside another (``torch.func.hessian``, ``jvp`` of
+    ``grad``) is refused. Nothing is measured there (``info.forward`` says so,
+    ``info.backward`` stays None), so ``on_failure`` has nothing to act on and
+    ``warm_start`` is refused.
+
+    Traced by :func:`torch.compile` (``torch.compile(model, fullgraph=True)``) the layer needs
+    the same fixed budgets and compiles without graph breaks, its backward included: the
+    gradient is the same series, computed in the backward by vector-Jacobian products of
+    ``f`` at ``h*`` (memory constant in ``K``; see
+    ``linsolve_rbp.adapters.torch.compiled``). Nothing is measured there either:
+    ``return_info`` and ``warm_start`` are refused, and there is no divergence test.
 
     Examples
     --------
@@ -466,14 +749,35 @@ def fixed_point(
     >>> h.sum().backward()
     >>> info.forward.converged, info.backward.converged, W.grad.shape
     (True, True, torch.Size([2, 2]))
+
+    A state of two tensors keeps its structure, and the phantom gradient is one option away:
+
+    >>> g = lambda s: (torch.tanh(s[0] @ W.T + x), 0.5 * s[1] + s[0].sum())
+    >>> s0 = (torch.zeros(2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    >>> (a, b), info = lrt.fixed_point(g, s0, backward={"method": "phantom", "steps": 5},
+    ...                                return_info=True)
+    >>> (a.sum() + b.sum()).backward()
+    >>> a.shape, b.shape, info.backward.method, info.backward.matvecs
+    (torch.Size([2]), torch.Size([1]), 'phantom', 4)
     """
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: fixed budgets, no host reads, no hooks (see compiled.py).
+        return fixed_point_compiled(
+            f, h0, forward=forward, forward_maxiter=forward_maxiter, forward_tol=forward_tol,
+            backward=backward, on_failure=on_failure, warm_start=warm_start,
+            batch_dims=batch_dims, return_info=return_info,
+        )
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
-    check_state(h0, "h0")
-    batch_dims = check_batch_dims(batch_dims, h0, "h0")
+    # A structured state (tuple, list, dict of tensors) is solved for as one flat tensor; f
+    # sees the structure, the output has it again.
+    batch_dims, structure, h0 = flat_state(h0, "h0", batch_dims)
+    if structure is not None:
+        f = structure.wrap(f)
     on_failure = check_policy(on_failure)
     forward_maxiter = positive_int(forward_maxiter, "forward_maxiter")
     forward_tol = nonnegative_real(forward_tol, "forward_tol", allow_none=True)
+    forward_method, forward_options = check_forward(forward, "forward")
     return_info = boolean(return_info, "return_info")
     warm = _check_warm_start(warm_start)
     if backward is None:
@@ -490,18 +794,40 @@ def fixed_point(
     method = options.pop("method", "gmres")
     jvp = check_jvp(options.pop("jvp", "auto"), "backward['jvp']")
     # Validate the backward options now rather than in the middle of loss.backward().
-    prepared = prepare_solve(method, dict(options, batch_dims=batch_dims), "backward")
-    check_adjoint_request(method, prepared.options, h0, batch_dims, "backward")
+    if method in APPROXIMATE_METHODS:
+        approximate, prepared = check_approximate(method, options, "backward"), None
+    else:
+        approximate = None
+        prepared = _prepare_backward(method, options, batch_dims)
+        check_adjoint_request(method, prepared.options, h0, batch_dims, "backward")
+    if under_transform():
+        # torch.func.vmap / grad: no host reads, no hooks; fixed budgets, the adjoint as graph.
+        out, info = _transformed(f, h0, forward_method, forward_options, forward_maxiter, forward_tol,
+                                 method, prepared, approximate, warm, batch_dims)
+        if structure is not None:
+            out = structure.unpack(out)
+            info.forward.x = structure.unpack(info.forward.x)
+        return (out, info) if return_info else out
 
     # Warnings of the backward pass, issued from inside autograd, point at this call.
     site = call_site(1)
-    h_star, fwd = _forward_iterate(f, h0, forward_maxiter, forward_tol, batch_dims)
+    h_star, fwd = solve_forward(f, h0, forward_method, forward_options, maxiter=forward_maxiter,
+                                tol=forward_tol, batch_dims=batch_dims)
     info = FixedPointInfo(forward=fwd)
-    apply_policy(fwd, on_failure, "fixed_point forward iteration", stacklevel=3)
+    if structure is not None:
+        fwd.x = structure.unpack(fwd.x)  # h* in the state's structure
+    apply_policy(fwd, on_failure, "fixed_point forward solve", stacklevel=3, location=site)
     h_star = h_star.detach()
     if torch.is_grad_enabled():
         out = check_f_output(f(h_star), h_star)
-        if out.requires_grad:
+        _refuse_forward_ad(out)
+        if out.requires_grad and approximate is not None:
+            out.register_hook(
+                _ApproximateHook(f, h_star, method, approximate, on_failure, warm, batch_dims, info,
+                                 location=site, autocast_region=autocast_state(h_star.device),
+                                 node=out.grad_fn)
+            )
+        elif out.requires_grad:
             out.register_hook(
                 _AdjointHook(f, h_star, prepared, jvp, on_failure, warm, batch_dims, info,
                              location=site, autocast_region=autocast_state(h_star.device))
@@ -510,4 +836,6 @@ def fixed_point(
             out = _ZeroGradTo.apply(out, h0)
     else:
         out = h_star
+    if structure is not None:
+        out = structure.unpack(out)
     return (out, info) if return_info else out
