@@ -36,14 +36,14 @@ import scipy.sparse.linalg as spla  # noqa: E402
 
 import linsolve_rbp as lr  # noqa: E402
 
-from .common import best_pair, best_time  # noqa: E402
+from .common import Row, best_pair, best_time  # noqa: E402
 
 try:  # noqa: E402
     import torch
 except ImportError:  # pragma: no cover - torch is optional
     torch = None
 
-__all__ = ["main", "poisson2d", "cg_poisson", "overhead", "OWN_METHODS"]
+__all__ = ["main", "run", "poisson2d", "cg_poisson", "overhead", "OWN_METHODS"]
 
 OWN_METHODS = ("cg", "cgne", "minres", "lsqr", "gmres", "bicgstab", "neumann", "fixed_point")
 
@@ -173,6 +173,32 @@ def _print(rows):
     for name, ours, peer, p_ours, p_peer in rows:
         prod = f"{p_ours}/{p_peer}"
         print(f"{name:<40} {ours * 1e3:>8.1f}ms {peer * 1e3:>8.1f}ms {ours / peer:>7.3f} {prod:>12}")
+
+
+def as_rows(rows) -> list:
+    """:class:`~asv_benchmarks.common.Row` objects (times in ms) of the tuples
+    ``(workload, ours_s, peer_s, ours_products, peer_products)`` of :func:`cg_poisson` and
+    :func:`overhead`."""
+    out = []
+    for name, ours, peer, p_ours, p_peer in rows:
+        what = "products x product time" if name.startswith("overhead") else "scipy cg"
+        out.append(Row(name, 1e3 * ours, what, 1e3 * peer, f"{p_ours} / {p_peer}"))
+    return out
+
+
+def run(quick: bool = False, repeat: int | None = None, torch_overhead: bool = False) -> list:
+    """The rows of this module as :class:`~asv_benchmarks.common.Row` objects: cg on the
+    Poisson matrix of order ``100^2`` (and ``300^2`` unless ``quick``) and the overhead at a
+    1 ms product (on torch tensors too with ``torch_overhead``), timed as :func:`main` times
+    them (the caller pins the thread pools; :func:`main` does)."""
+    repeat = repeat or (2 if quick else 7)
+    rows = []
+    for k in (100,) if quick else (100, 300):
+        rows += cg_poisson(k, repeat=repeat if k == 100 else max(2, repeat // 2))
+    rows += overhead(repeat=max(1, repeat // 2))
+    if torch_overhead and torch is not None:
+        rows += overhead(repeat=max(1, repeat // 2), xp_name="torch")
+    return as_rows(rows)
 
 
 def main(argv=None):

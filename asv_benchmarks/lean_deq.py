@@ -39,7 +39,7 @@ import argparse
 import os
 import time
 
-__all__ = ["CONFIGS", "main", "tanh_cell_rows", "gmres_rows"]
+__all__ = ["CONFIGS", "main", "run", "tanh_cell_rows", "gmres_rows"]
 
 #: Sizes of the full run and of the ``--quick`` smoke run.
 CONFIGS = {
@@ -321,6 +321,44 @@ def gmres_rows(cfg):
     rows = [(k, str(n), f"{times[k] * 1e3:.3f}", status) for k, (n, status) in counts.items()]
     if isinstance(deq, str):
         rows.append((name_deq, "-", deq, ""))
+    return rows
+
+
+def run(quick: bool = False, repeats: int | None = None) -> list:
+    """The rows of :func:`tanh_cell_rows` and :func:`gmres_rows` as
+    :class:`~asv_benchmarks.common.Row` objects: each route against the package's Neumann-RBP
+    (with both gradient errors), the target checks (PASS / MISS / SKIP in the note), and the
+    d = 256 float64 backward of each method against torchdeq's."""
+    from .common import Row
+
+    cfg = dict(CONFIGS["quick" if quick else "full"])
+    if repeats is not None:
+        cfg["repeats"] = cfg["repeats2"] = repeats
+    table, checks = tanh_cell_rows(cfg)
+    where = f"DEQ backward d = {cfg['d']}, B = {cfg['B']}, float32, K = {cfg['K']}"
+    ours = next(r for r in table if r[0].startswith("linsolve_rbp"))
+    rows = []
+    for route, products, ms, _hand, _bptt, err in table:
+        if route == ours[0]:
+            continue
+        try:
+            peer_ms = float(ms)
+        except ValueError:  # a peer that is not installed: its reason stands in the time column
+            rows.append(Row(f"{where}, {ours[0]}", float(ours[2]), route, None, ours[1], ms))
+            continue
+        rows.append(Row(f"{where}, {ours[0]}", float(ours[2]), route, peer_ms, f"{ours[1]} / {products}",
+                        f"grad error {ours[5]} / {err}"))
+    for what, ok in checks:
+        rows.append(Row(f"{where}: {what}", None, None, None, None,
+                        "PASS" if ok else ("MISS" if ok is not None else "SKIP")))
+    g = gmres_rows(cfg)
+    peer = next((r for r in g if not r[0].startswith("linsolve_rbp")), None)
+    for route, products, ms, status in g:
+        if route.startswith("linsolve_rbp"):
+            peer_ms = float(peer[2]) if peer is not None and peer[1] != "-" else None
+            rows.append(Row(f"DEQ backward d = {cfg['d2']}, B = {cfg['B2']}, float64, {route}", float(ms),
+                            None if peer is None else peer[0], peer_ms,
+                            f"{products} / {peer[1]}" if peer is not None else products, status))
     return rows
 
 

@@ -11,7 +11,10 @@ Workloads (issue 12):
 * gmres on the dense ``I - J^T``, ``J = random_contractive(200, 0.9, seed=0)``, restart 30,
   rtol 1e-8: ours on numpy and on torch (CPU) against ``scipy.sparse.linalg.gmres`` on numpy,
   plus ours on torch against ours on numpy (target: scipy / ours >= 3 on numpy, torch /
-  numpy <= 1.5);
+  numpy <= 1.5), and ours on torch with ``compile=True`` (each restart cycle one compiled
+  graph) against lineax's GMRES under ``jax.jit`` (compile times of both excluded; target:
+  ours / lineax <= 2), or against ours on numpy when JAX / lineax is not installed; this row
+  compiles for about a minute and is left out of ``--quick``;
 * the cost per product around a near-free product (a diagonal of ``n = 16384`` entries
   spread over [1, 1000], applied by one elementwise multiplication), for gmres (restart 30)
   and bicgstab, ours (numpy and torch) against scipy, both sides running until the same
@@ -35,9 +38,9 @@ import scipy.sparse.linalg as spla
 import linsolve_rbp as lr
 from linsolve_rbp.problems import random_contractive
 
-from .common import best_pair, best_time
+from .common import Row, best_pair, best_time
 
-__all__ = ["main", "gmres_dense_rows", "per_iteration_rows", "overhead_rows"]
+__all__ = ["main", "run", "gmres_dense_rows", "per_iteration_rows", "overhead_rows"]
 
 RESTART = 30
 RTOL = 1e-8
@@ -61,8 +64,43 @@ def _torch():
     return torch
 
 
-def gmres_dense_rows(n=200, repeats=20):
-    """gmres on dense ``I - J^T``: ours (numpy, torch) against scipy."""
+def _lineax_dense(M, b, kw):
+    """lineax's GMRES on the dense ``M`` under ``jax.jit`` (float64, the same tolerance and
+    restart), compiled: ``(run, steps, compile_s, relres)`` (``relres`` its true relative
+    residual), or None without JAX / lineax. XLA's
+    thread pool is pinned to one thread when JAX is imported here first."""
+    import os
+
+    if "jax" not in sys.modules:
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    try:
+        import jax
+        import lineax as lx
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", True)
+    # lineax's own test (elementwise scaled residual, max norm; as in ``peers``): its true
+    # relative residual is reported next to the time.
+    solver = lx.GMRES(rtol=kw["rtol"], atol=kw["atol"], restart=kw["restart"],
+                      stagnation_iters=kw["restart"], max_steps=kw["maxiter"])
+    Mj, bj = jax.numpy.asarray(M), jax.numpy.asarray(b)
+
+    @jax.jit
+    def solve(M, b):
+        sol = lx.linear_solve(lx.MatrixLinearOperator(M), b, solver=solver, throw=False)
+        return sol.value, sol.stats["num_steps"]
+
+    t0 = time.perf_counter()
+    x, steps = solve(Mj, bj)
+    x.block_until_ready()
+    t_compile = time.perf_counter() - t0
+    relres = float(np.linalg.norm(b - M @ np.asarray(x)) / np.linalg.norm(b))
+    return (lambda: solve(Mj, bj)[0].block_until_ready()), int(steps), t_compile, relres
+
+
+def gmres_dense_rows(n=200, repeats=20, compiled=True):
+    """gmres on dense ``I - J^T``: ours (numpy, torch; with ``compiled`` also torch with
+    ``compile=True``) against scipy, and the compiled one against lineax (jitted)."""
     M = np.eye(n) - random_contractive(n, 0.9, seed=0).T
     b = np.random.default_rng(0).standard_normal(n)
     kw = dict(rtol=RTOL, atol=0.0, restart=RESTART)
@@ -91,7 +129,34 @@ def gmres_dense_rows(n=200, repeats=20):
         t_t, t_np = best_pair(ours_t, ours_np, repeats)
         rows.append((f"{where}, torch vs scipy", t_t, t_sp, rt.matvecs, count[0], rt.status.name))
         rows.append((f"{where}, torch vs our numpy", t_t, t_np, rt.matvecs, res.matvecs, rt.status.name))
+        if compiled:
+            rows.append(_compiled_row(where, Mt, bt, M, b, kw, n, ours_np, res, repeats))
     return rows
+
+
+def _compiled_row(where, Mt, bt, M, b, kw, n, ours_np, res, repeats):
+    """ours on torch with ``compile=True`` against lineax jitted (or our numpy without it);
+    both compile times are excluded and reported in the note."""
+    def ours_c():
+        return lr.solve(Mt, bt, method="gmres", maxiter=100 * n, compile=True, **kw)
+
+    t0 = time.perf_counter()
+    rc = ours_c()
+    t_ours_compile = time.perf_counter() - t0
+    rc = ours_c()
+    note = (f"{rc.status.name}, {rc.iterations} steps used, {rc.info.get('discarded_steps', 0)} "
+            f"computed past the stop; torch.compile {t_ours_compile:.0f} s excluded")
+    lx = _lineax_dense(M, b, dict(kw, maxiter=100 * n))
+    if lx is None:
+        t_c, t_np = best_pair(ours_c, ours_np, repeats)
+        return (f"{where}, torch compiled vs our numpy", t_c, t_np, rc.matvecs, res.matvecs,
+                note + "; JAX / lineax not installed")
+    run_lx, steps, t_lx_compile, relres = lx
+    t_c, t_lx = best_pair(ours_c, run_lx, repeats)
+    # (lineax counts restart cycles, each of `restart` products, testing once per cycle)
+    return (f"{where}, torch compiled vs lineax GMRES jit", t_c, t_lx, rc.matvecs,
+            f"{steps} cycles of {kw['restart']}",
+            note + f", lineax jit {t_lx_compile:.1f} s excluded; lineax rel. residual {relres:.1e}")
 
 
 def per_iteration_rows(n=16384, repeats=10, budget=300):
@@ -159,6 +224,36 @@ def overhead_rows(n=64, product_s=1e-3, repeats=3, budget=60):
     return rows
 
 
+def _peer(workload: str) -> str:
+    if "overhead" in workload:
+        return "products x product time"
+    return workload.rsplit(" vs ", 1)[1].split(" (")[0].strip()
+
+
+def run(quick: bool = False, repeats: int | None = None, only=("dense", "iteration", "overhead")) -> list:
+    """The rows of this module (the groups ``only``) as :class:`~asv_benchmarks.common.Row`
+    objects, at the sizes of :func:`main` (toy sizes with ``quick``); the caller pins the
+    thread pools (:func:`main` does)."""
+    rows = []
+    if quick:
+        r = repeats or 1
+        if "dense" in only:
+            rows += gmres_dense_rows(n=40, repeats=r, compiled=False)
+        if "iteration" in only:
+            rows += per_iteration_rows(n=256, repeats=r, budget=60)
+        if "overhead" in only:
+            rows += overhead_rows(n=16, product_s=1e-4, repeats=r, budget=10)
+    else:
+        if "dense" in only:
+            rows += gmres_dense_rows(repeats=repeats or 30)
+        if "iteration" in only:
+            rows += per_iteration_rows(repeats=repeats or 10)
+        if "overhead" in only:
+            rows += overhead_rows(repeats=repeats or 3)
+    return [Row(what, 1e3 * ours, _peer(what), 1e3 * peer, f"{p_o} / {p_p}", note)
+            for what, ours, peer, p_o, p_p, note in rows]
+
+
 def _print(rows):
     print(f"{'workload':<88} {'ours':>10} {'peer':>10} {'ratio':>7}  products (ours / peer)")
     for what, ours, peer, p_o, p_p, note in rows:
@@ -182,24 +277,9 @@ def main(argv=None) -> int:
     if torch is not None:
         torch.set_num_threads(1)
     only = set(args.only or ("dense", "iteration", "overhead"))
-    rows = []
     with threadpool_limits(limits=1):
-        if args.quick:
-            r = args.repeats or 1
-            if "dense" in only:
-                rows += gmres_dense_rows(n=40, repeats=r)
-            if "iteration" in only:
-                rows += per_iteration_rows(n=256, repeats=r, budget=60)
-            if "overhead" in only:
-                rows += overhead_rows(n=16, product_s=1e-4, repeats=r, budget=10)
-        else:
-            if "dense" in only:
-                rows += gmres_dense_rows(repeats=args.repeats or 30)
-            if "iteration" in only:
-                rows += per_iteration_rows(repeats=args.repeats or 10)
-            if "overhead" in only:
-                rows += overhead_rows(repeats=args.repeats or 3)
-    _print(rows)
+        rows = run(quick=args.quick, repeats=args.repeats, only=only)
+    _print([(r.workload, r.ours_ms / 1e3, r.peer_ms / 1e3, *str(r.products).split(" / "), r.note) for r in rows])
     return 0
 
 

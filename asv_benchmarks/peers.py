@@ -177,64 +177,9 @@ def as_row(item, module: str = "") -> Row:
                str(rest[0]) if rest else "")
 
 
-#: Row functions of a lean module whose ``main`` returns no rows, with the arguments its own
-#: ``main`` uses (quick, full); used only while the module has no ``run``.
-_ROW_FUNCTIONS = {
-    "lean_gmres": (
-        [("gmres_dense_rows", dict(n=40, repeats=1)), ("per_iteration_rows", dict(n=256, repeats=1, budget=60)),
-         ("overhead_rows", dict(n=16, product_s=1e-4, repeats=1, budget=10))],
-        [("gmres_dense_rows", dict(repeats=30)), ("per_iteration_rows", dict(repeats=10)),
-         ("overhead_rows", dict(repeats=3))],
-    ),
-}
-
-
-def _lean_deq_rows(mod, quick: bool) -> list[Row]:
-    """Rows of ``asv_benchmarks.lean_deq`` from its row functions (used while it has no
-    ``run``): each route against the package's route, with both gradient errors."""
-    cfg = dict(mod.CONFIGS["quick" if quick else "full"])
-    table, checks = mod.tanh_cell_rows(cfg)
-    where = f"DEQ backward d = {cfg['d']}, B = {cfg['B']}, float32, K = {cfg['K']}"
-    ours = next(r for r in table if r[0].startswith("linsolve_rbp"))
-    rows = []
-    for route, products, ms, _hand, _bptt, err in table:
-        if route == ours[0]:
-            continue
-        try:
-            peer_ms = float(ms)
-        except ValueError:  # a peer that is not installed: its reason stands in the time column
-            rows.append(Row(f"{where}, {ours[0]}", float(ours[2]), route, None, ours[1], ms))
-            continue
-        rows.append(Row(f"{where}, {ours[0]}", float(ours[2]), route, peer_ms, f"{ours[1]} / {products}",
-                        f"grad error {ours[5]} / {err}"))
-    for what, ok in checks:
-        rows.append(Row(f"{where}: {what}", None, None, None, None,
-                        "PASS" if ok else ("MISS" if ok is not None else "SKIP")))
-    g = mod.gmres_rows(cfg)
-    peer = next((r for r in g if not r[0].startswith("linsolve_rbp")), None)
-    for route, products, ms, status in g:
-        if route.startswith("linsolve_rbp"):
-            peer_ms = float(peer[2]) if peer is not None and peer[1] != "-" else None
-            rows.append(Row(f"DEQ backward d = {cfg['d2']}, B = {cfg['B2']}, float64, {route}", float(ms),
-                            None if peer is None else peer[0], peer_ms,
-                            f"{products} / {peer[1]}" if peer is not None else products, status))
-    return rows
-
-
 def _module_rows(mod, name: str, quick: bool):
     if hasattr(mod, "run"):
         return mod.run(quick=quick)
-    if name == "lean_deq" and all(hasattr(mod, f) for f in ("CONFIGS", "tanh_cell_rows", "gmres_rows")):
-        return _lean_deq_rows(mod, quick)
-    calls = _ROW_FUNCTIONS.get(name, ((), ()))[0 if quick else 1]
-    if calls and all(hasattr(mod, fn) for fn, _ in calls):
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            torch.set_num_threads(1)
-        rows = []
-        for fn, kw in calls:
-            rows += getattr(mod, fn)(**kw)
-        return rows
     return mod.main(["--quick"] if quick else [])
 
 
@@ -242,9 +187,9 @@ def lean_rows(name: str, quick: bool) -> tuple[list[Row], str]:
     """Rows of the module ``asv_benchmarks.<name>`` and any table it printed.
 
     The module is imported here (a missing or broken one gives a row saying so). Its
-    ``run(quick=...)`` is called when it has one (returning rows); otherwise its row functions
-    (:data:`_ROW_FUNCTIONS`) or its ``main(["--quick"] or [])``, with its printed table
-    captured, and its return value taken as rows when it is a list."""
+    ``run(quick=...)`` is called (returning rows); a module without one has its
+    ``main(["--quick"] or [])`` run, with its printed table captured, and its return value
+    taken as rows when it is a list."""
     try:
         mod = importlib.import_module(f"asv_benchmarks.{name}")
     except Exception as exc:  # noqa: BLE001 - any failure to import is reported, not raised
@@ -328,10 +273,14 @@ def batched_rows(cfg) -> list[Row]:
     t_loop = best_time(loop, max(1, repeats // 2))
     rows = []
     for name, (t, res) in ours.items():
+        # The time of the batched products alone (the operator's own cost, not the solver's).
+        op, b = ops[name]
+        t_prod = product_time(op.matvec, b, calls=5, blocks=3) * res.matvecs
         rows.append(Row(f"{where}, ours {name} (`batch_dims=1`)", 1e3 * t, "scipy gmres loop", 1e3 * t_loop,
                         f"{res.matvecs} batched / {sp_products} single",
                         f"speed-up {t_loop / t:.1f}x (target >= 20x); converged {int(np.sum(res.converged))}/{B}; "
-                        f"max rel. residual {relres(_np(res.x)):.1e} / {relres(np.stack(sp_x)):.1e}"))
+                        f"max rel. residual {relres(_np(res.x)):.1e} / {relres(np.stack(sp_x)):.1e}; "
+                        f"of which the {res.matvecs} products alone {1e3 * t_prod:.1f} ms"))
     t_np, res_np = ours["numpy"]
     get_solver = _torchdeq()
     if get_solver is None:

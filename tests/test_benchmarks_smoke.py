@@ -218,3 +218,16 @@ def test_peers_rows_from_lean_modules():
     assert (r.peer, r.note, r.ratio) == ("our numpy", "CONVERGED", 2.0)
     rows, text = peers.lean_rows("no_such_module", quick=True)
     assert len(rows) == 1 and "does not import" in rows[0].note and text == ""
+
+
+def test_lean_modules_run_returns_rows():
+    """Each lean module's ``run()`` returns its rows (what ``peers`` tabulates), at toy sizes."""
+    pytest.importorskip("torch")
+    from asv_benchmarks.common import Row
+
+    for name in ("lean_gmres", "lean_deq"):
+        mod = importlib.import_module(f"asv_benchmarks.{name}")
+        rows = mod.run(quick=True)
+        assert rows and all(isinstance(r, Row) for r in rows), name
+        timed = [r for r in rows if r.ours_ms is not None and r.peer_ms is not None]
+        assert timed and all(r.ratio > 0 for r in timed), name

@@ -20,8 +20,8 @@ MODULES = sorted(
     if not m.name.endswith("__main__")
 )
 # The hand-written pages (api.html is made of docstrings).
-PAGES = ("getting_started", "theory", "guide", "torch", "cli", "reproduction", "benchmarks",
-         "adding_a_solver")
+PAGES = ("getting_started", "theory", "guide", "torch", "deq", "torchdeq", "cli", "reproduction",
+         "benchmarks", "distributed", "adding_a_solver")
 # Code blocks this wide fit the article at a 1280 px window without scrolling.
 MAX_CODE_COLUMNS = 100
 
