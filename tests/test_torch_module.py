@@ -573,3 +573,27 @@ def test_a_model_of_two_layers_trains_saves_copies_and_moves_to_float64():
     assert wide.a.stats()["backward_status"] == "CONVERGED"
     assert wide.enc.weight.grad.dtype == torch.float64
     assert model.a.summary()["calls"] == 9  # the copy's calls are its own
+
+
+def test_penalties_take_states_as_fixed_point_does():
+    """A dict state whose f returns its keys in another order is the same state (as for
+    fixed_point), and jacobian_matrix of the dict equals that of the flat vector."""
+    W = torch.randn(5, 5, generator=torch.Generator().manual_seed(3), dtype=DT) * 0.3
+
+    def f_flat(v):
+        return torch.tanh(v @ W.T)
+
+    def f_dict(s):
+        v = torch.cat([s["a"], s["b"]])
+        out = f_flat(v)
+        return {"b": out[2:], "a": out[:2]}  # keys in another order
+
+    v = torch.randn(5, generator=torch.Generator().manual_seed(4), dtype=DT)
+    state = {"a": v[:2], "b": v[2:]}
+    J = lrt.jacobian_matrix(f_flat, v)
+    assert torch.allclose(lrt.jacobian_matrix(f_dict, state), J, rtol=0, atol=1e-14)
+    g = torch.Generator().manual_seed(5)
+    est_dict = lrt.jacobian_penalty(f_dict, state, probes=3, generator=g)
+    g = torch.Generator().manual_seed(5)
+    est_flat = lrt.jacobian_penalty(f_flat, v, probes=3, generator=g)
+    assert torch.allclose(est_dict, est_flat, rtol=1e-12)

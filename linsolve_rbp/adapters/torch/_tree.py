@@ -25,7 +25,7 @@ import torch
 from ..._validate import check_common
 from ._checks import check_batch_dims, check_state, match_output
 
-__all__ = ["Structure", "is_structured", "flat_state"]
+__all__ = ["Structure", "is_structured", "flat_state", "tensors", "detached"]
 
 
 def is_structured(state) -> bool:
@@ -293,3 +293,21 @@ def flat_state(state, name, batch_dims):
         return batch_dims, structure, structure.pack(state)
     check_state(state, name)
     return check_batch_dims(batch_dims, state, name), None, state
+
+
+def tensors(state) -> list:
+    """The tensors of a state (one tensor, or a structure of them), in order; no checks."""
+    if not is_structured(state):
+        return [state]
+    leaves, paths = [], []
+    _flatten(state, "state", leaves, paths)
+    return leaves
+
+
+def detached(state):
+    """The state with each of its tensors detached, in the same containers."""
+    if not is_structured(state):
+        return state.detach()
+    leaves, paths = [], []
+    tree = _flatten(state, "state", leaves, paths)
+    return _build(tree, iter([t.detach() for t in leaves]))

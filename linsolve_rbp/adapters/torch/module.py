@@ -24,10 +24,10 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
-from torch.utils import _pytree
 
 from ..._validate import ArgumentTypeError, boolean, choice, nonnegative_real, positive_int
 from ._checks import check_jvp, check_policy, prepare_solve
+from ._tree import detached, tensors
 from .dropout import VariationalDropout
 from .forward import check_forward
 from .implicit import APPROXIMATE_METHODS, check_approximate
@@ -486,17 +486,16 @@ class DEQ(torch.nn.Module):
             reg, vjps = self._penalties(g, out, spec)
             record.penalties = {name: float(v.detach()) for name, v in reg.items()}
             record.penalties["vjps"] = vjps
-        self._remember(record, any(t.requires_grad for t in _pytree.tree_leaves(out)
-                                   if isinstance(t, torch.Tensor)))
+        self._remember(record, any(t.requires_grad for t in tensors(out)))
         return (out, reg) if spec else out
 
     def _synchronize(self, out):
-        leaves = _pytree.tree_leaves(out)
-        if leaves and isinstance(leaves[0], torch.Tensor) and leaves[0].is_cuda:
+        leaves = tensors(out)
+        if leaves and leaves[0].is_cuda:
             torch.cuda.synchronize(leaves[0].device)
 
     def _penalties(self, g, out, spec):
-        at = _pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+        at = detached(out)
         graph = torch.is_grad_enabled()
         reduce = (lambda v: v.mean()) if self.batch_dims == 1 else (lambda v: v)
         reg, vjps = {}, 0

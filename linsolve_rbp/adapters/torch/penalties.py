@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils import _pytree
 
 from ..._validate import choice, positive_int
+from ._tree import Structure
 
 __all__ = ["jacobian_penalty", "jacobian_matrix", "column_norm_penalty", "gershgorin_penalty"]
 
@@ -35,45 +35,20 @@ __all__ = ["jacobian_penalty", "jacobian_matrix", "column_norm_penalty", "gershg
 PROBE_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
-def _state_leaves(h, name="h"):
-    """The tensors of a state (a tensor, or a tuple / list / dict of them, nested), and the
-    structure to rebuild it."""
-    leaves, spec = _pytree.tree_flatten(h)
-    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
-        raise TypeError(
-            f"{name} must be a torch.Tensor or a tuple, list or dict of tensors, got "
-            f"{type(h).__name__}"
-        )
-    for t in leaves:
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must have real floating dtypes, got {t.dtype}")
-    return leaves, spec
-
-
 def _record(f, h, batch_dims, name):
-    """Evaluate ``f`` once at ``h`` (detached) with the graph kept: ``(inputs, outputs)`` as
-    lists of tensors, the inputs requiring grad."""
+    """Evaluate ``f`` once at ``h`` (a tensor, or a tuple / list / dict of them, nested;
+    detached) with the graph kept: ``(inputs, outputs)`` as lists of tensors, the inputs
+    requiring grad. The state is checked and rebuilt for ``f`` as :func:`fixed_point` does
+    (:class:`~linsolve_rbp.adapters.torch._tree.Structure`)."""
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     if batch_dims not in (0, 1) or isinstance(batch_dims, bool):
         raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims!r}")
-    leaves, spec = _state_leaves(h, name)
-    if batch_dims == 1:
-        sizes = {t.shape[0] if t.ndim else None for t in leaves}
-        if len(sizes) != 1 or None in sizes or 0 in sizes:
-            raise ValueError(
-                f"batch_dims=1 needs every tensor of {name} to have the same non-empty leading "
-                "batch axis"
-            )
-    inputs = [t.detach().requires_grad_(True) for t in leaves]
+    st = Structure.of(h, name, batch_dims)
+    inputs = [t.detach().requires_grad_(True) for t in st.leaves(h, name)]
     with torch.enable_grad():
-        out = f(_pytree.tree_unflatten(inputs, spec))
-    outputs, out_spec = _pytree.tree_flatten(out)
-    if out_spec != spec or any(
-        not isinstance(o, torch.Tensor) or o.shape != t.shape for o, t in zip(outputs, leaves)
-    ):
-        raise ValueError(f"f must map {name} to a state of the same structure and shapes")
-    return inputs, outputs
+        out = f(st.build(inputs))
+    return inputs, st.check_output(out)
 
 
 def _vjp(outputs, inputs, vectors, create_graph):
