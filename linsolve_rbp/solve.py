@@ -1166,7 +1166,11 @@ def _history(hist, nsys: int) -> np.ndarray:
     if not hist:
         return np.zeros((0, nsys))
     first = hist[0]
-    if not isinstance(first, np.ndarray) and _b.is_array(first):
+    if type(first) is np.ndarray:
+        shape = first.shape
+        if all(type(h) is np.ndarray and h.shape == shape for h in hist):
+            return np.array(hist, dtype=float)  # one conversion, not one per iteration
+    elif _b.is_array(first):
         kind, shape, dtype = type(first), first.shape, first.dtype
         if all(type(h) is kind and h.shape == shape and h.dtype == dtype for h in hist):
             return _host(_b.array_namespace(first).stack(hist)).astype(float)

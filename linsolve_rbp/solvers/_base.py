@@ -965,7 +965,13 @@ def _run_scaled(solver: Solver, prob: Problem) -> Outcome:
 
     x = out.x * col
     out.residual_norm = back(out.residual_norm)
-    out.history = [back(h) for h in out.history]
+    hist = out.history
+    shape = hist[0].shape if hist and type(hist[0]) is np.ndarray else None
+    if shape is not None and all(type(h) is np.ndarray and h.shape == shape for h in hist):
+        # numpy norms (the host paths): one product for the whole history, not one per entry.
+        out.history = list(np.stack(hist) * s_host)
+    else:
+        out.history = [back(h) for h in hist]
     fin, fin_scaled = all_ranks(xp, xp.all(xp.isfinite(x), axis=-1), xp.all(xp.isfinite(out.x), axis=-1))
     over = ~fin & fin_scaled
     if bool(xp.any(over)):
