@@ -1042,7 +1042,7 @@ def _run_host_views(opts: SolveOptions, solver: Solver, A: LinearOperator, b, st
     out.x = torch.from_numpy(np.asarray(out.x))
     if out.info:
         out.info = {
-            k: torch.from_numpy(v) if isinstance(v, np.ndarray) and v.dtype.kind in "fc" else v
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
             for k, v in out.info.items()
         }
     result = _to_result(out, prob, opts.method, A.matvec_count - mv0, A.rmatvec_count - rmv0)
@@ -1050,12 +1050,24 @@ def _run_host_views(opts: SolveOptions, solver: Solver, A: LinearOperator, b, st
     return result
 
 
+def _operators_in(*ops):
+    """The operators ``ops`` and those they are built of (a sum's, product's, scaled or
+    transposed operator's ``A`` and ``B``), each once: whose counts a product increments."""
+    seen, todo = {}, [op for op in ops if op is not None]
+    while todo:
+        op = todo.pop()
+        if id(op) not in seen:
+            seen[id(op)] = op
+            todo.extend(c for c in (getattr(op, "A", None), getattr(op, "B", None)) if isinstance(c, LinearOperator))
+    return list(seen.values())
+
+
 def _run(opts: SolveOptions, solver: Solver, A: LinearOperator, b, xp, stacklevel: int = 3) -> SolveResult:
     red = opts.reduction
     # The collectives of the solve: the global size's (made before this call), and from here.
     red_before = None if red is None else red.allreduces - 1
     if _host_views(opts, b):
-        counts = [(op, op.matvec_count, op.rmatvec_count) for op in (A, opts.M) if op is not None]
+        counts = [(op, op.matvec_count, op.rmatvec_count) for op in _operators_in(A, opts.M)]
         try:
             return _run_host_views(opts, solver, A, b, stacklevel + 1)
         except _NeedsTorch:

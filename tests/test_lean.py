@@ -440,3 +440,42 @@ def test_layer_backward_series_matches_full_solve(method, batch_dims):
     assert (r1.iterations, r1.matvecs) == (r2.iterations, r2.matvecs)
     assert np.allclose(r1.residual_history, r2.residual_history, rtol=1e-10)
     assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_rerun_on_tensors_counts_each_product_once_in_composite_operators():
+    """A CPU torch solve whose product autograd tracks starts on numpy views and runs again
+    on the tensors: every operator, the parts of a composite ones included, counts the
+    products of the solve that returned, not those of the abandoned start as well."""
+    A, b = _spd(n=12, seed=3)
+    At, bt = torch.from_numpy(A), torch.from_numpy(b)
+    w = torch.ones(12, dtype=torch.float64, requires_grad=True)
+
+    class Tracked(lr.LinearOperator):
+        def __init__(self):
+            self._setup((12, 12), dtype=At.dtype, xp=lr.backend.array_namespace(At), device=At.device, backend="torch")
+
+        def _matvec(self, x):
+            return 0.5 * (At @ x) * w
+
+    tracked, dense = Tracked(), lr.aslinearoperator(0.5 * At)
+    res = lr.solve(tracked + dense, bt, method="cg", rtol=1e-10)
+    assert res.x.requires_grad
+    assert tracked.matvec_count == dense.matvec_count == res.matvecs
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_host_view_info_holds_tensors_as_the_torch_iteration_does(monkeypatch):
+    """Batched lsqr on CPU tensors: ``info`` holds the same kinds (bool tensors included)
+    whether the iteration ran on numpy views or on the tensors."""
+    rng = np.random.default_rng(4)
+    At = torch.from_numpy(rng.standard_normal((8, 5)))
+    bt = torch.from_numpy(rng.standard_normal((2, 8)))
+    views = lr.solve(At, bt, method="lsqr", batch_dims=1).info
+    monkeypatch.setattr(lsolve, "_host_views", lambda opts, b: False)
+    tensors = lr.solve(At, bt, method="lsqr", batch_dims=1).info
+    assert views.keys() == tensors.keys()
+    for k in views:
+        assert type(views[k]) is type(tensors[k]), k
+        if isinstance(tensors[k], torch.Tensor):
+            assert views[k].dtype == tensors[k].dtype, k

@@ -193,24 +193,8 @@ def _cycle(xp, mv, psolve, b, x, V, w0, beta, live, active, anorm, thr, divlim, 
             xp, mv, psolve, V, j, live, anorm, fused, twice, cplx, eps, dtype,
             w=w0 if j == 0 else None)
         unlucky = ~lucky
-        H[:, : j + 1, j] = h[:, :, 0]
-        a = xp.matmul(q[:, None, : j + 1], h)[:, 0, 0]
-        c, s, rr = _givens(xp, a, hn, cplx, ones_r)
-        Qh[:, j, :] = q
-        if cplx:
-            H[:, j + 1, j] = xp.astype(hn, dtype)
-            c = xp.astype(c, dtype)
-            ms = -xp.conj(s)
-        else:
-            H[:, j + 1, j] = hn
-            ms = -s
-        q = ms[:, None] * q
-        q[:, j + 1] = c
-        cs.append(c)
-        sn.append(s)
-        gcur = ms * gcur
-        tol_j = xp.where(lucky, lucky_tol * ones_r, piv_tol * ones_r)
-        broke = live & ((xp.abs(rr) if cplx else rr) <= tol_j * anorm)
+        q, gcur, broke = _rotate(xp, H, Qh, q, gcur, h, hn, lucky, live, anorm, j, cs, sn,
+                                 cplx, dtype, ones_r, piv_tol, lucky_tol)
         active = active & ~broke
         live = live & ~broke
         lives.append(live)
@@ -276,6 +260,36 @@ def _mutable(prob) -> bool:
     except AttributeError:  # pragma: no cover - a frozen Problem
         pass
     return ok
+
+
+def _rotate(xp, H, Qh, q, gcur, h, hn, lucky, live, anorm, j, cs, sn, cplx, dtype, ones_r,
+            piv_tol, lucky_tol):
+    """Step ``j``'s column of the Hessenberg matrix into ``H``, its Givens rotation (appended
+    to ``cs``, ``sn``; the rotations' product so far kept in ``q``, its rows in ``Qh``) and the
+    rotated residual ``gcur``, on device arrays (the device loop and the compiled cycle).
+    Returns ``q, gcur, broke``: ``broke`` marks the live systems whose rotated pivot vanishes
+    to working precision (so ``h_{j+1,j}`` does too): ``A M`` is singular on the Krylov
+    space and the residual cannot be reduced further; the column is left out, so ``x``
+    minimises the residual over the previous space (at a lucky breakdown the threshold is
+    :func:`_lucky_tol`)."""
+    H[:, : j + 1, j] = h[:, :, 0]
+    a = xp.matmul(q[:, None, : j + 1], h)[:, 0, 0]
+    c, s, rr = _givens(xp, a, hn, cplx, ones_r)
+    Qh[:, j, :] = q
+    if cplx:
+        H[:, j + 1, j] = xp.astype(hn, dtype)
+        c = xp.astype(c, dtype)
+        ms = -xp.conj(s)
+    else:
+        H[:, j + 1, j] = hn
+        ms = -s
+    q = ms[:, None] * q
+    q[:, j + 1] = c
+    cs.append(c)
+    sn.append(s)
+    tol = xp.where(lucky, lucky_tol * anorm, piv_tol * anorm)
+    broke = live & ((xp.abs(rr) if cplx else rr) <= tol)
+    return q, ms * gcur, broke
 
 
 def _givens(xp, a, b, cplx, one):
@@ -398,10 +412,12 @@ class GMRES(Solver):
     cycle cut short by ``maxiter`` compiles a graph of its own length. Compiling a cycle of
     ``m = 30`` takes about a minute on a CPU with inductor. On the CPU the uncompiled path,
     which does the small algebra in numpy, is the faster one at small ``n``: a compiled
-    cycle's call costs about half a millisecond besides its arithmetic (the graph's buffers
-    and guards), and inductor's code for a step's products is slower than BLAS there (dense
-    ``n = 200``, ``m = 30``: 7.3 ms against 3.2 ms uncompiled). The compiled cycle is meant
-    for devices, where every operation of an uncompiled step costs a kernel launch.
+    cycle's call has a fixed cost besides its arithmetic (the graph's buffers and guards),
+    and inductor's code for a step's products is slower than BLAS there (dense ``n = 200``,
+    ``m = 30``: 7.0 ms against 3.05 ms uncompiled in the committed
+    ``docs/benchmarks_table.md``, from ``python -m asv_benchmarks.lean_gmres``). The
+    compiled cycle is meant for devices, where every operation of an uncompiled step costs a
+    kernel launch.
 
     References
     ----------
@@ -528,27 +544,8 @@ class GMRES(Solver):
                 h, hn, lucky, anorm, V[:, j + 1, :] = _arnoldi_step(
                     xp, mv, psolve, V, j, live, anorm, fused, twice, cplx, eps, dtype)
                 unlucky = ~lucky
-                H[:, : j + 1, j] = h[:, :, 0]
-                a = xp.matmul(q[:, None, : j + 1], h)[:, 0, 0]
-                c, s, rr = _givens(xp, a, hn, cplx, ones_r)
-                Qh[:, j, :] = q
-                if cplx:
-                    H[:, j + 1, j] = xp.astype(hn, dtype)
-                    c = xp.astype(c, dtype)
-                    ms = -xp.conj(s)
-                else:
-                    H[:, j + 1, j] = hn
-                    ms = -s
-                q = ms[:, None] * q
-                q[:, j + 1] = c
-                cs.append(c)
-                sn.append(s)
-                gcur = ms * gcur
-                # A pivot that vanishes to working precision (so h_{j+1,j} does too): A M is
-                # singular on the Krylov space and the residual cannot be reduced further; the
-                # column is left out, so x minimises the residual over the previous space.
-                tol_j = xp.where(lucky, lucky_tol * ones_r, piv_tol * ones_r)
-                broke = live & ((xp.abs(rr) if cplx else rr) <= tol_j * anorm)
+                q, gcur, broke = _rotate(xp, H, Qh, q, gcur, h, hn, lucky, live, anorm, j, cs, sn,
+                                         cplx, dtype, ones_r, piv_tol, lucky_tol)
                 mon._set(broke, BREAKDOWN)
                 live = live & ~broke
                 lives.append(live)

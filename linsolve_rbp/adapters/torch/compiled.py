@@ -98,6 +98,17 @@ def series_terms(method, maxiter) -> int:
     return maxiter + 1 if method == "neumann" else maxiter
 
 
+def iterate_fixed(f, h, maxiter, tau):
+    """``h`` after exactly ``maxiter`` iterations ``h <- h + tau (f(h) - h)``, without a graph
+    (no host read: traceable by torch.compile and torch.func)."""
+    h = h.detach()
+    with torch.no_grad():
+        for _ in range(maxiter):
+            h = f(h) if tau == 1.0 else h + tau * (f(h) - h)
+    h = h.detach()
+    return h
+
+
 def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -191,11 +202,7 @@ def fixed_point_compiled(f, h0, *, forward="iterate", forward_maxiter=50, forwar
     batch_dims, structure, h = flat_state(h0, "h0", batch_dims)
     if structure is not None:
         f = structure.wrap(f)
-    h = h.detach()
-    with torch.no_grad():
-        for _ in range(maxiter):
-            h = f(h) if tau == 1.0 else h + tau * (f(h) - h)
-    h = h.detach()
+    h = iterate_fixed(f, h, maxiter, tau)
     if torch.is_grad_enabled():
         y = f(h)
         out = _Adjoint.apply(y, h, f, steps, lam) if y.requires_grad else y

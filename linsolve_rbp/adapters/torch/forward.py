@@ -76,7 +76,7 @@ import torch
 
 from ... import backend as _b
 from ..._result import SolveResult, Status
-from ..._validate import ArgumentTypeError, check_kind, choice, did_you_mean, unknown_option
+from ..._validate import ArgumentTypeError, check_kind, did_you_mean, unknown_option
 from ...operators import IdentityOperator
 from ...solve import PreparedSolve
 from ._checks import JVP_MODES, check_f_output
@@ -172,7 +172,6 @@ def check_forward(forward, name: str = "forward") -> tuple:
     if method not in FORWARD_METHODS:
         hint = did_you_mean(method, FORWARD_METHODS, _METHOD_ALIASES)
         raise ValueError(f"{where} must be one of {', '.join(map(repr, FORWARD_METHODS))}; got {method!r}{hint}")
-    method = choice(method, where, FORWARD_METHODS)
     spec = _OPTIONS[method]
     for key in given:
         if key in _SET_BY_FIXED_POINT:
@@ -381,10 +380,10 @@ def _anderson(rows, x, maxiter, mon, m, lam, tau):
             break
         g, _ = tested
         active = mon.active
-        g = _where(active, g, torch.zeros_like(g))
+        g = _where(active, g, 0.0)
         if g_prev is not None:
-            dX[:, count % m] = _where(active, x - x_prev, torch.zeros_like(x))
-            dG[:, count % m] = _where(active, g - g_prev, torch.zeros_like(g))
+            dX[:, count % m] = _where(active, x - x_prev, 0.0)
+            dG[:, count % m] = _where(active, g - g_prev, 0.0)
             count += 1
         x_prev, g_prev = x, g
         step = tau * g
@@ -398,7 +397,7 @@ def _anderson(rows, x, maxiter, mon, m, lam, tau):
             H = DGs @ DGs.transpose(1, 2)
             mk = H.shape[-1]
             tr = torch.diagonal(H, dim1=1, dim2=2).sum(-1)
-            reg = torch.where(tr > 0, lam * tr / mk + torch.finfo(sd).tiny, torch.ones_like(tr))
+            reg = torch.where(tr > 0, lam * tr / mk + torch.finfo(sd).tiny, 1.0)
             H = H + reg[:, None, None] * torch.eye(mk, dtype=sd, device=x.device)
             rhs = (DGs @ g.to(sd)[:, :, None])
             gamma, _ = torch.linalg.solve_ex(H, rhs)
@@ -423,7 +422,7 @@ def _line_search(rows, x, dx, gnorm, alpha0, enabled, max_backtracks, active):
     if not enabled:
         return xn, fxn, 0
     nn = rows.norm(fxn - xn)
-    nn = torch.where(torch.isfinite(nn), nn, torch.full_like(nn, math.inf))
+    nn = torch.where(torch.isfinite(nn), nn, math.inf)
     best_x, best_f, best_n = xn, fxn, nn
     extra = 0
     for _ in range(max_backtracks):
@@ -435,7 +434,7 @@ def _line_search(rows, x, dx, gnorm, alpha0, enabled, max_backtracks, active):
         fxn = _where(ok, fxn, rows.F(xn))
         extra += 1
         nn = rows.norm(fxn - xn)
-        nn = torch.where(torch.isfinite(nn), nn, torch.full_like(nn, math.inf))
+        nn = torch.where(torch.isfinite(nn), nn, math.inf)
         better = nn < best_n
         best_x, best_f = _where(better, xn, best_x), _where(better, fxn, best_f)
         best_n = torch.where(better, nn, best_n)
@@ -501,7 +500,7 @@ def _broyden(rows, x, maxiter, mon, memory, line_search, max_backtracks):
             break
         g, gnorm = tested
         active = mon.active
-        dx = _where(active, -H.mv(g), torch.zeros_like(g))
+        dx = _where(active, -H.mv(g), 0.0)
         x_new, fx_new, extra = _line_search(rows, x, dx, gnorm, 1.0, line_search, max_backtracks, active)
         backtracks += extra
         x_new = _where(active, x_new, x)
@@ -515,9 +514,9 @@ def _broyden(rows, x, maxiter, mon, memory, line_search, max_backtracks):
         scale = norm(vT, dim=-1, keepdim=True) * norm(y, dim=-1, keepdim=True)
         # No update where s^T H y vanishes (a converged or stalled row): H stays as it is.
         good = torch.isfinite(den) & (den.abs() > 1e-12 * scale) & active[:, None]
-        safe = torch.where(good, den, torch.ones_like(den))
-        H.append(torch.where(good, (s - Hy) / safe, torch.zeros_like(s)),
-                 torch.where(good, vT, torch.zeros_like(vT)))
+        safe = torch.where(good, den, 1.0)
+        H.append(torch.where(good, (s - Hy) / safe, 0.0),
+                 torch.where(good, vT, 0.0))
         x, fx = x_new, fx_new
         k += 1
     return mon.x_ok, k, {"memory": memory, "backtracks": backtracks}
@@ -542,7 +541,7 @@ def _newton(rows, x, maxiter, mon, batch_dims, inner_rtol, inner_maxiter, restar
             break
         g, gnorm = tested
         active = mon.active
-        g = _where(active, g, torch.zeros_like(g))
+        g = _where(active, g, 0.0)
         J = JacobianOperator._checked(rows.f, rows.state(x), jvp_mode or "auto", batch_dims)
         rows.evals += 1  # the recorded evaluation of f
         try:

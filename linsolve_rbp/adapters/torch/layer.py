@@ -40,7 +40,7 @@ from ._checks import (
 )
 from .forward import check_forward, solve_forward
 from ._tree import flat_state
-from .compiled import fixed_budget_series, fixed_point_compiled, series_terms
+from .compiled import fixed_budget_series, fixed_point_compiled, iterate_fixed, series_terms
 from .implicit import APPROXIMATE_METHODS, approximate_adjoint, check_approximate
 from .jacobian import JacobianOperator, under_transform
 
@@ -460,6 +460,24 @@ def _prepare_backward(method, options, batch_dims):
         ) from None
 
 
+def check_backward(backward, batch_dims, who):
+    """A ``backward`` dict validated (``who`` says who sets the options it must not):
+    ``(method, jvp, approximate, prepared)``, one of the last two None."""
+    if not isinstance(backward, dict):
+        raise ArgumentTypeError(
+            f"backward must be a dict of options or None, got {type(backward).__name__}"
+        )
+    for key in ("x0", "batch_dims", "throw", "on_failure"):
+        if key in backward:
+            raise ValueError(f"backward must not set {key!r}: {who}")
+    options = dict(backward)
+    method = options.pop("method", "gmres")
+    jvp = check_jvp(options.pop("jvp", "auto"), "backward['jvp']")
+    if method in APPROXIMATE_METHODS:
+        return method, jvp, check_approximate(method, options, "backward"), None
+    return method, jvp, None, _prepare_backward(method, options, batch_dims)
+
+
 _TRANSFORM_BACKWARD = (
     "backward={'method': 'neumann', 'rtol': None, 'atol': None, 'maxiter': K} (or 'fixed_point' "
     "with the same budget), {'method': 'phantom', 'steps': k, 'damping': lam} or {'method': 'jfb'}"
@@ -494,11 +512,7 @@ def _transformed(f, h0, forward_method, forward_options, maxiter, tol, method, p
     tau = float(forward_options.get("tau", 1.0))
     if warm is not None:
         raise ValueError(f"{where} cannot keep a warm-start store: pass warm_start=None")
-    h = h0.detach()
-    with torch.no_grad():
-        for _ in range(maxiter):
-            h = f(h) if tau == 1.0 else h + tau * (f(h) - h)
-    h = h.detach()
+    h = iterate_fixed(f, h0, maxiter, tau)
     out = h
     if torch.is_grad_enabled():
         y = f(h)
@@ -782,23 +796,11 @@ def fixed_point(
     warm = _check_warm_start(warm_start)
     if backward is None:
         backward = {"method": "gmres", "rtol": 1e-6}
-    if not isinstance(backward, dict):
-        raise TypeError(f"backward must be a dict of solve options, got {type(backward).__name__}")
-    for key in ("x0", "batch_dims", "throw", "on_failure"):
-        if key in backward:
-            raise ValueError(
-                f"backward must not set {key!r}: fixed_point sets it (use warm_start, batch_dims "
-                "and on_failure instead)"
-            )
-    options = dict(backward)
-    method = options.pop("method", "gmres")
-    jvp = check_jvp(options.pop("jvp", "auto"), "backward['jvp']")
     # Validate the backward options now rather than in the middle of loss.backward().
-    if method in APPROXIMATE_METHODS:
-        approximate, prepared = check_approximate(method, options, "backward"), None
-    else:
-        approximate = None
-        prepared = _prepare_backward(method, options, batch_dims)
+    method, jvp, approximate, prepared = check_backward(
+        backward, batch_dims, "fixed_point sets it (use warm_start, batch_dims and on_failure instead)"
+    )
+    if prepared is not None:
         check_adjoint_request(method, prepared.options, h0, batch_dims, "backward")
     if under_transform():
         # torch.func.vmap / grad: no host reads, no hooks; fixed budgets, the adjoint as graph.

@@ -26,13 +26,12 @@ import numpy as np
 import torch
 
 from ..._validate import ArgumentTypeError, boolean, choice, nonnegative_real, positive_int
-from ._checks import check_jvp, check_policy, prepare_solve
+from ._checks import check_policy
 from ._tree import detached, tensors
 from .dropout import VariationalDropout
 from .forward import check_forward
-from .implicit import APPROXIMATE_METHODS, check_approximate
 from .jacobian import under_transform
-from .layer import FixedPointInfo, WarmStart, fixed_point
+from .layer import FixedPointInfo, WarmStart, check_backward, fixed_point
 from .penalties import (
     PROBE_DISTRIBUTIONS,
     column_norm_penalty,
@@ -100,31 +99,8 @@ def _check_backward(backward, batch_dims):
     the first call: the method, its options, the options the layer sets."""
     if backward is None:
         return None
-    if not isinstance(backward, dict):
-        raise ArgumentTypeError(
-            f"backward must be a dict of options or None, got {type(backward).__name__}"
-        )
-    for key in ("x0", "batch_dims", "throw", "on_failure"):
-        if key in backward:
-            raise ValueError(
-                f"backward must not set {key!r}: the layer sets it (use the layer's warm_start, "
-                "batch_dims and on_failure instead)"
-            )
-    options = dict(backward)
-    method = options.pop("method", "gmres")
-    check_jvp(options.pop("jvp", "auto"), "backward['jvp']")
-    if method in APPROXIMATE_METHODS:
-        check_approximate(method, options, "backward")
-    else:
-        try:
-            prepare_solve(method, dict(options, batch_dims=batch_dims), "backward")
-        except ValueError as exc:
-            if "method must be one of" not in str(exc):
-                raise
-            raise ValueError(
-                f"{exc}; or, for an approximate gradient, "
-                f"{' or '.join(map(repr, APPROXIMATE_METHODS))}"
-            ) from None
+    check_backward(backward, batch_dims, "the layer sets it (use the layer's warm_start, "
+                   "batch_dims and on_failure instead)")
     return dict(backward)
 
 
