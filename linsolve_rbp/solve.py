@@ -786,7 +786,11 @@ class PreparedSolve:
         norms.append(total(x))
         # One read on the host: every norm, and the sum of x (finite exactly when x is, or
         # it overflowed: then it is not finite either and the full path decides).
-        rows = np.asarray(_b.to_numpy(stack(norms)), dtype=np.float64).reshape(products + 2, -1)
+        stacked = stack(norms)
+        if is_torch and stacked.device.type == "cpu":
+            rows = stacked.numpy().astype(np.float64).reshape(products + 2, -1)
+        else:
+            rows = np.asarray(_b.to_numpy(stacked), dtype=np.float64).reshape(products + 2, -1)
         if not _series_ok(rows, divtol):
             return None
         hist = rows[:-1]

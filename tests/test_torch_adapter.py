@@ -1054,13 +1054,13 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="method"):
         lrt.fixed_point(model.f, h, backward={"method": "nope"})
     with pytest.raises(ValueError, match="forward_maxiter"):
-        lrt.fixed_point(model.f, h, forward_maxiter=0)
+        lrt.fixed_point(model.f, h, forward_maxiter=-1)
     with pytest.raises(ValueError, match="x0"):
         lrt.fixed_point(model.f, h, backward={"method": "neumann", "x0": h})
     with pytest.raises(TypeError, match="warm_start"):
         lrt.fixed_point(model.f, h, warm_start="yes")
     # Generic values are judged by the shared validators, which name the argument.
-    with pytest.raises(TypeError, match="forward_maxiter must be a positive integer"):
+    with pytest.raises(TypeError, match="forward_maxiter must be a non-negative integer"):
         lrt.fixed_point(model.f, h, forward_maxiter=2.5)
     for bad in (-1.0, float("nan"), "1e-6"):
         with pytest.raises(ValueError, match="forward_tol"):
@@ -1295,3 +1295,123 @@ def test_deq_layers_warn_at_the_users_line_each_their_own():
         second(torch.zeros(4), x); line_second = sys._getframe().f_lineno  # noqa: E702
     mine = [w for w in caught if issubclass(w.category, lr.ConvergenceWarning)]
     assert [(w.filename, w.lineno) for w in mine] == [(__file__, line_first), (__file__, line_second)]
+
+
+# -- one evaluation of f serves the output and the adjoint ---------------------------------------
+class _Counted:
+    """``model.f`` counting its evaluations with a graph (grad mode on)."""
+
+    def __init__(self, model):
+        self.model, self.graphs = model, 0
+
+    def __call__(self, h):
+        if torch.is_grad_enabled():
+            self.graphs += 1
+        return self.model.f(h)
+
+
+@pytest.mark.parametrize("method", ["gmres", "neumann", "fixed_point"])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_exact_backward_uses_the_forward_record_and_matches_dense(method, batch):
+    model = TanhRNN(batch=batch)
+    h = _fixed_point(model)
+    g = torch.randn(model.hshape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    f = _Counted(model)
+    out, info = lrt.fixed_point(f, h, backward={"method": method, **ACCURATE[method]},
+                                batch_dims=0 if batch is None else 1, return_info=True)
+    out.backward(g)
+    # The recorded evaluation of the forward pass is the only one with a graph: the backward
+    # pass ran its products on it and records nothing more.
+    assert f.graphs == 1
+    assert info.backward.converged if batch is None else bool(np.all(info.backward.converged))
+    if batch is None:
+        for p, e in zip(model.params, _exact_grads(model, h, g)):
+            assert _rel(p.grad, e) < 1e-9
+        return
+    # Samples are independent: the batched gradient is the sum of the per-sample ones, each
+    # checked against the dense formula.
+    exact = [torch.zeros_like(p) for p in model.params]
+    for i in range(batch):
+        single = TanhRNN()
+        single.x, single.params = model.x[i], model.params
+        for t, e in zip(exact, _exact_grads(single, h[i], g[i])):
+            t += e
+    for p, e in zip(model.params, exact):
+        assert _rel(p.grad, e) < 1e-9
+
+
+def test_output_without_parameters_needs_no_gradient():
+    # f closes over nothing that requires grad: the output requires none either (the record's
+    # input requiring grad is internal).
+    W = 0.5 * torch.eye(3, dtype=F64)
+    out = lrt.fixed_point(lambda h: torch.tanh(h @ W.T + 1.0), torch.zeros(3, dtype=F64))
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_layer_graph_is_freed_after_backward():
+    # The adjoint node holds the record as a saved tensor, not through a tensor hook on it
+    # (a reference cycle autograd's graph would keep alive).
+    import gc
+    import weakref
+
+    model = TanhRNN(n=16, batch=4)
+    h = _fixed_point(model)
+    refs = []
+    for _ in range(3):
+        out = lrt.fixed_point(model.f, h, batch_dims=1)
+        loss = (out ** 2).sum()
+        refs.append(weakref.ref(out))
+        loss.backward()
+        del out, loss
+    gc.collect()
+    assert all(r() is None for r in refs)
+    for keep in (True, False):
+        out = lrt.fixed_point(model.f, h, batch_dims=1)
+        ref = weakref.ref(out)
+        if keep:  # no backward at all
+            del out
+        else:
+            (out.sum() * 2).backward()
+            del out
+        gc.collect()
+        assert ref() is None
+
+
+def test_forward_maxiter_zero_takes_h0_as_the_fixed_point():
+    model = TanhRNN(batch=3)
+    h = _fixed_point(model)
+    g = torch.ones(model.hshape, dtype=F64)
+    f = _Counted(model)
+    out, info = lrt.fixed_point(f, h, forward_maxiter=0, forward_tol=1e-10, batch_dims=1, return_info=True)
+    fwd = info.forward
+    assert fwd.iterations == 0 and fwd.status is lr.Status.CONVERGED and f.graphs == 1
+    # Its residual is measured on the recorded evaluation: ||f(h0) - h0|| per sample.
+    with torch.no_grad():
+        r = torch.linalg.vector_norm(model.f(h) - h, dim=1).numpy()
+    np.testing.assert_allclose(fwd.residual_norm, r, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(out.detach(), model.f(h).detach())
+    out.backward(g)
+    grads = [p.grad.clone() for p in model.params]
+    for p in model.params:
+        p.grad = None
+    lrt.fixed_point(model.f, h, forward_tol=1e-12, forward_maxiter=100, batch_dims=1).backward(g)
+    for a, p in zip(grads, model.params):
+        assert _rel(a, p.grad) < 1e-10
+    # A state that is not a fixed point fails its tolerance, and says so.
+    with pytest.warns(lr.ConvergenceWarning, match="3 max_iterations of 3 samples after 0 iterations"):
+        _, info = lrt.fixed_point(model.f, torch.zeros(model.hshape, dtype=F64), forward_maxiter=0,
+                                  forward_tol=1e-10, batch_dims=1, return_info=True)
+    assert info.forward.status is lr.Status.MAX_ITERATIONS
+    # Without a tolerance: COMPLETED, the residual reported; without grad mode f runs once.
+    with torch.no_grad():
+        out, info = lrt.fixed_point(model.f, h, forward_maxiter=0, forward_tol=None, return_info=True,
+                                    batch_dims=1)
+    assert info.forward.status is lr.Status.COMPLETED and info.forward.info["f_evals"] == 1
+    assert out is not None and not out.requires_grad
+    # A non-finite residual is reported as such.
+    bad = h.clone()
+    bad[1, 0] = float("nan")
+    _, info = lrt.fixed_point(model.f, bad, forward_maxiter=0, forward_tol=None, batch_dims=1,
+                              return_info=True, on_failure="ignore")
+    assert info.forward.statuses[1] is lr.Status.NONFINITE
+    assert info.forward.statuses[0] is lr.Status.COMPLETED

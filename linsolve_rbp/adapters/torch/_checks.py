@@ -9,6 +9,7 @@ argument reads the same here as at :func:`linsolve_rbp.solve`. This module holds
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 
 import torch
@@ -262,6 +263,6 @@ def all_finite(t) -> bool:
         return True
     if t.is_complex():
         return bool(torch.isfinite(t).all())
-    if bool(torch.isfinite(t.sum())):
+    if math.isfinite(t.sum().item()):
         return True
     return bool(torch.isfinite(t).all())

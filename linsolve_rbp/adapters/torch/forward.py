@@ -131,6 +131,8 @@ _SET_BY_FIXED_POINT = MappingProxyType({
     "batch_dims": "batch_dims", "on_failure": "on_failure",
 })
 
+# Status by integer code (Status.code), for per-sample lookups.
+_BY_CODE = tuple(sorted(Status, key=lambda st: st.code))
 _RUNNING = -1
 # Two evaluations of a deterministic f at one state agree to rounding (nondeterministic GPU
 # reductions included); a random f (dropout) differs by far more than the square root of eps.
@@ -272,21 +274,32 @@ def _finish(method, rows, x, mon, k, info, matvecs=0, history_has_initial=False)
     tol = mon.tol
     end = Status.COMPLETED if tol is None else Status.MAX_ITERATIONS
     codes = _b.to_numpy(torch.where(mon.code == _RUNNING, end.code, mon.code)).astype(int)
-    statuses = tuple(Status.from_code(int(c)) for c in codes)
-    worst = Status.from_code(int(codes.max()))
     if mon.history:
         hist = np.asarray(_b.to_numpy(torch.stack(mon.history))).astype(float)
     else:
         hist = np.zeros((0, rows.B))
+    return _result(method, rows, x, codes, hist, tol, k, info, matvecs, history_has_initial)
+
+
+def _result(method, rows, x, codes, hist, tol, k, info, matvecs, history_has_initial):
+    """The SolveResult from the per-sample status ``codes`` and the residual history ``hist``
+    (``(iterations, B)``), both on the host."""
+    # Per-sample statuses by table lookup, counted with numpy (a batch of many samples pays
+    # no Python work per sample beyond the lookup).
+    counts_of = np.bincount(codes.reshape(-1), minlength=len(_BY_CODE))
+    values = np.flatnonzero(counts_of)
+    statuses = tuple(map(_BY_CODE.__getitem__, codes.tolist()))
+    worst = _BY_CODE[int(values[-1])]
     last = hist[-1] if len(hist) else np.zeros((rows.B,))
-    success = all(s.success for s in statuses)
+    success = all(_BY_CODE[int(c)].success for c in values)
     thr = "no tolerance (forward_tol=None)" if tol is None else f"forward_tol {tol:.1e}"
     what = "last step norm" if not history_has_initial else "residual norm ||f(h) - h||"
     if rows.batched:
-        counts = {}
-        for s in statuses:
-            counts[s.name.lower()] = counts.get(s.name.lower(), 0) + 1
-        head = f"{method}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" of {rows.B} samples"
+        # In the order the statuses first occur, as a count per status name.
+        order = [(v, int(counts_of[v])) for v in values.tolist()]
+        if len(order) > 1:
+            order.sort(key=lambda vc: int(np.argmax(codes == vc[0])))
+        head = f"{method}: " + ", ".join(f"{n} {_BY_CODE[v].name.lower()}" for v, n in order) + f" of {rows.B} samples"
     else:
         head = f"{method}: {worst.name.lower()}"
     message = f"{head} after {k} iterations, {what} {float(np.max(last)):.3e} ({thr})"
@@ -564,6 +577,30 @@ def _newton(rows, x, maxiter, mon, batch_dims, inner_rtol, inner_maxiter, restar
     info = {"jvps": jvps, "inner_iterations": inner_iterations, "inner_success": inner_success,
             "backtracks": backtracks, "jvp_mode": jvp_mode}
     return mon.x_ok, k, info, jvps
+
+
+def zero_iterations(f, h0, fx, method, *, tol, batch_dims):
+    """The forward result of ``forward_maxiter=0``: ``h0`` taken as the fixed point, no
+    iteration. Its residual ``||f(h0) - h0||`` is measured on ``fx = f(h0)`` where the caller
+    has evaluated it already (the layer's recorded evaluation; None: evaluated here, once,
+    without a graph) and tested against ``tol`` as an iteration's would be (CONVERGED, or
+    MAX_ITERATIONS when it is missed; COMPLETED with ``tol=None``). Returns
+    ``(h0 detached, result)`` as :func:`solve_forward` does."""
+    rows = _Rows(f, h0.detach(), batch_dims)
+    with torch.no_grad():
+        x = rows.rows(rows.h0)
+        fx = rows.F(x) if fx is None else rows.rows(check_f_output(fx.detach(), rows.h0))
+        # Both norms in one host read; the test is the iterations' (_Monitor.test), on the host.
+        rnorm, fnorm = np.asarray(_b.to_numpy(torch.stack((rows.norm(fx - x), rows.norm(fx))))).astype(float)
+        finite = np.isfinite(rnorm)
+        end = Status.COMPLETED if tol is None else Status.MAX_ITERATIONS
+        codes = np.where(finite, end.code, Status.NONFINITE.code)
+        if tol is not None:
+            codes = np.where(finite & (rnorm <= tol * np.maximum(fnorm, 1.0)), Status.CONVERGED.code, codes)
+        h, result = _result(method, rows, x, codes, rnorm[None, :], tol, 0, {}, 0, True)
+        if not result.success:
+            _random_note(rows, x, result)
+    return h, result
 
 
 def solve_forward(f, h0, method, options, *, maxiter, tol, batch_dims):

@@ -166,28 +166,42 @@ class JacobianOperator(LinearOperator):
         self.structure = None
         return self
 
-    def _record(self, f, h, jvp, batch_dims):
+    @classmethod
+    def _from_record(cls, f, h_in, output, jvp: str, batch_dims: int, autocast_region=None) -> "JacobianOperator":
+        """The operator on a record made already: ``output = f(h_in)`` evaluated with the
+        graph kept, ``h_in`` a leaf requiring grad (the record :func:`fixed_point` makes in
+        its forward pass and returns, whose graph its backward pass then uses for the
+        adjoint's products too: one evaluation of ``f`` serves both). Validated by the caller."""
+        self = cls.__new__(cls)
+        self._record(f, h_in, jvp, batch_dims, record=output, autocast_region=autocast_region)
+        self.structure = None
+        return self
+
+    def _record(self, f, h, jvp, batch_dims, record=None, autocast_region=None):
         self.f = f
         self.batch_dims = batch_dims
         self.state_shape = tuple(h.shape)
         self.jvp_mode = None if jvp == "auto" else jvp
         self._dbl = None
         self._released = False
-        # Forward-mode JVPs evaluate f again: under the autocast region f was recorded in.
-        self._autocast = autocast_state(h.device)
+        # Forward-mode JVPs evaluate f again: under the autocast region f was recorded in
+        # (for a record made elsewhere, the region the caller recorded it in).
+        self._autocast = autocast_region if record is not None else autocast_state(h.device)
         # Set when torch.inference_mode() kept autograd from recording f: then only
         # forward-mode products J @ v exist, and the others raise instead of returning zeros.
         self._unrecorded = False
-        if torch.is_inference_mode_enabled():
+        if record is not None:
+            self._h, out = h, record
+        elif torch.is_inference_mode_enabled():
             out = self._record_outside_inference_mode(f, h)
         else:
             self._h = h.detach().clone().requires_grad_(True)
             with torch.enable_grad():
                 out = f(self._h)
-        self.output = check_f_output(out, h)
+        self.output = out if record is not None else check_f_output(out, h)
         # Whether the record reaches h at all (f constant in h gives J = 0), decided once.
         self._live = self.output.requires_grad and not self._unrecorded
-        self.f_evals = 1
+        self.f_evals = 0 if record is not None else 1
         if batch_dims == 1:
             self.nbatch = h.shape[0]
             m = h[0, ...].numel()

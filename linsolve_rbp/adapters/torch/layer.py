@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..._result import SolveResult, Status
-from ..._validate import ArgumentTypeError, boolean, nonnegative_real, positive_int
+from ..._validate import ArgumentTypeError, boolean, nonnegative_int, nonnegative_real, positive_int
 from ..._warnings import warn_failure
 from ...operators import IdentityOperator
 from ._checks import (
@@ -38,7 +38,7 @@ from ._checks import (
     flat,
     nonfinite_error,
 )
-from .forward import check_forward, solve_forward
+from .forward import check_forward, solve_forward, zero_iterations
 from ._tree import flat_state
 from .compiled import fixed_budget_series, fixed_point_compiled, iterate_fixed, series_terms
 from .implicit import APPROXIMATE_METHODS, approximate_adjoint, check_approximate
@@ -177,6 +177,26 @@ class _ZeroGradTo(torch.autograd.Function):
         shape, dtype, device = ctx.h0_meta
         gy = g if ctx.needs_input_grad[0] else None
         return gy, torch.zeros(shape, dtype=dtype, device=device)
+
+
+class _Adjoint(torch.autograd.Function):
+    """Identity on ``out = f(h_in)``, the evaluation recorded in the forward pass; in the
+    backward pass the gradient ``g`` arriving here is replaced by the adjoint solution ``z``
+    (``hook(g, out)``, an :class:`_AdjointHook`), whose products use the graph of that same
+    record. ``out`` is held as a saved tensor of this node (no reference cycle through a
+    tensor hook), and only until the graph is freed."""
+
+    @staticmethod
+    def forward(ctx, out, hook):
+        ctx.set_materialize_grads(False)  # an undefined gradient stays undefined
+        ctx.hook = hook
+        ctx.save_for_backward(out)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        return ctx.hook(g, out), None
 
 
 def _graph_leaves(output, exclude):
@@ -324,19 +344,29 @@ class _AdjointHook(_BackwardHook):
     ``f`` closes over."""
 
     def __init__(self, f, h_star, prepared, jvp, on_failure, warm, batch_dims, info,
-                 location=None, autocast_region=None):
+                 location=None, autocast_region=None, h_in=None, leaves=None):
         super().__init__(f, h_star, on_failure, warm, batch_dims, info, location, autocast_region)
         # The adjoint solve, its options validated once when fixed_point was called.
         self.prepared = prepared
         self.jvp = jvp
+        # With h_in: the forward pass recorded f(h_in) (h_in a leaf requiring grad) and passes
+        # that record to __call__; leaves are the tensors f closes over that it reaches.
+        self.h_in = h_in
+        self.leaves = leaves
 
-    def __call__(self, g):
+    def __call__(self, g, record=None):
         if g is None:  # an undefined gradient (no loss depends on the output) stays undefined
             return None
         b = self._rhs(g, "fixed_point backward")
-        with autocast(self.autocast_region):
-            # f, h* and the options were checked when fixed_point was called.
-            J = JacobianOperator._checked(self.f, self.h_star, self.jvp, self.batch_dims)
+        if record is not None:
+            # The forward pass's record: its graph gives the products, and then z's way to the
+            # parameters (no second evaluation of f).
+            J = JacobianOperator._from_record(self.f, self.h_in, record, self.jvp, self.batch_dims,
+                                              autocast_region=self.autocast_region)
+        else:
+            with autocast(self.autocast_region):
+                # f, h* and the options were checked when fixed_point was called.
+                J = JacobianOperator._checked(self.f, self.h_star, self.jvp, self.batch_dims)
         x0 = self.warm.get(b) if self.warm is not None else None
         try:
             result = None
@@ -387,7 +417,10 @@ class _AdjointHook(_BackwardHook):
             if result is None:
                 A = IdentityOperator(J.shape[0], like=b) - J.T
                 result = self.prepared(A, b, x0)
-            leaves = _graph_leaves(J.output, J._h) if J.output.requires_grad else []
+            if self.leaves is not None:
+                leaves = self.leaves
+            else:
+                leaves = _graph_leaves(J.output, J._h) if J.output.requires_grad else []
         finally:
             J.release()
         self._report(result, "fixed_point backward (adjoint solve)")
@@ -542,6 +575,15 @@ def _transformed(f, h0, forward_method, forward_options, maxiter, tol, method, p
     return out, FixedPointInfo(forward=fwd)
 
 
+def _input_for_record(h, approximate):
+    """The state at which the forward pass records ``f``: for the exact methods a leaf that
+    requires grad, so that the record's graph also gives the adjoint's products; for the
+    approximate ones (which record their own steps) ``h`` detached."""
+    if approximate is None:
+        return h.detach().requires_grad_(True)
+    return h.detach()
+
+
 def _refuse_forward_ad(out):
     """Forward-mode AD (``torch.autograd.forward_ad``) would give ``f(h*)`` the tangent of one
     application of ``f`` at a detached ``h*``, not the implicit one: refuse it, naming the
@@ -649,7 +691,10 @@ def fixed_point(
         (``"auto"``); see ``linsolve_rbp.adapters.torch.forward``. The forward and backward
         methods are chosen independently: the gradient is the implicit one either way.
     forward_maxiter : int
-        Maximum number of forward iterations (of any forward method).
+        Maximum number of forward iterations (of any forward method). 0 takes ``h0`` as the
+        fixed point (one computed elsewhere): no iteration runs, and the residual
+        ``||f(h0) - h0||`` is measured on the one evaluation of ``f`` that records the graph
+        and tested against ``forward_tol`` as an iteration's would be.
     forward_tol : float or None
         Stop when ``||f(h) - h|| <= forward_tol * max(1, ||f(h)||)`` (per sample with
         ``batch_dims=1``: a sample that meets it stops changing; all must meet it for
@@ -714,14 +759,16 @@ def fixed_point(
 
     Notes
     -----
-    The construction (a gradient hook on one differentiable evaluation of ``f`` at the fixed
-    point) is the one of deep equilibrium models (Bai et al., 2019). Called inside
-    :func:`torch.autocast`, ``f`` runs in low precision there (and again when the backward
-    pass records the Jacobian), its output is cast to the dtype of ``h0``, and the adjoint
-    solve runs in that dtype. Warnings of the backward pass point at the line that called
-    :func:`fixed_point`. Each backward pass
-    evaluates ``f`` once more, at ``h*``, to record the Jacobian for the adjoint solve (``"jfb"``
-    applies no Jacobian product and records none). The adjoint solution ``z`` has no graph:
+    The construction (the gradient arriving at one differentiable evaluation of ``f`` at the
+    fixed point replaced by the adjoint solution) is the one of deep equilibrium models (Bai
+    et al., 2019). For the exact methods that evaluation is recorded at a copy of ``h*`` that
+    requires grad, so that its graph gives the adjoint's vector-Jacobian products too: the
+    backward pass evaluates ``f`` no more (forward-mode products, ``jvp="forward"``, evaluate
+    it per product). ``phantom`` records its own ``k`` steps from ``h*``; ``"jfb"`` applies no
+    Jacobian product. Called inside :func:`torch.autocast`, ``f`` runs in low precision
+    there, its output is cast to the dtype of ``h0``, and the adjoint solve runs in that
+    dtype. Warnings of the backward pass point at the line that called
+    :func:`fixed_point`. The adjoint solution ``z`` has no graph:
     double backward (``create_graph=True``) through a fixed point is not supported and raises
     RuntimeError, whatever the backward method (for exact second derivatives differentiate
     :func:`unroll`). The adjoint result belongs to the call: it is
@@ -789,7 +836,7 @@ def fixed_point(
     if structure is not None:
         f = structure.wrap(f)
     on_failure = check_policy(on_failure)
-    forward_maxiter = positive_int(forward_maxiter, "forward_maxiter")
+    forward_maxiter = nonnegative_int(forward_maxiter, "forward_maxiter")
     forward_tol = nonnegative_real(forward_tol, "forward_tol", allow_none=True)
     forward_method, forward_options = check_forward(forward, "forward")
     return_info = boolean(return_info, "return_info")
@@ -813,16 +860,37 @@ def fixed_point(
 
     # Warnings of the backward pass, issued from inside autograd, point at this call.
     site = call_site(1)
-    h_star, fwd = solve_forward(f, h0, forward_method, forward_options, maxiter=forward_maxiter,
-                                tol=forward_tol, batch_dims=batch_dims)
+    recorded = h_in = None
+    grad = torch.is_grad_enabled()
+    if forward_maxiter == 0:
+        # h0 is the fixed point: its residual is measured on the evaluation that records the
+        # graph (one evaluation of f in all).
+        if grad:
+            h_in = _input_for_record(h0, approximate)
+            recorded = check_f_output(f(h_in), h0)
+        h_star, fwd = zero_iterations(f, h0, recorded, forward_method, tol=forward_tol,
+                                      batch_dims=batch_dims)
+    else:
+        h_star, fwd = solve_forward(f, h0, forward_method, forward_options, maxiter=forward_maxiter,
+                                    tol=forward_tol, batch_dims=batch_dims)
     info = FixedPointInfo(forward=fwd)
     if structure is not None:
         fwd.x = structure.unpack(fwd.x)  # h* in the state's structure
     apply_policy(fwd, on_failure, "fixed_point forward solve", stacklevel=3, location=site)
     h_star = h_star.detach()
-    if torch.is_grad_enabled():
-        out = check_f_output(f(h_star), h_star)
+    if grad:
+        if recorded is None:
+            h_in = _input_for_record(h_star, approximate)
+            recorded = check_f_output(f(h_in), h_star)
+        out = recorded
         _refuse_forward_ad(out)
+        leaves = None
+        if approximate is None and out.requires_grad:
+            # The record is f(h_in), h_in requiring grad: a gradient is owed only where f
+            # closes over tensors that require one.
+            leaves = _graph_leaves(out, h_in)
+            if not leaves:
+                out = out.detach()
         if out.requires_grad and approximate is not None:
             out.register_hook(
                 _ApproximateHook(f, h_star, method, approximate, on_failure, warm, batch_dims, info,
@@ -830,9 +898,11 @@ def fixed_point(
                                  node=out.grad_fn)
             )
         elif out.requires_grad:
-            out.register_hook(
+            out = _Adjoint.apply(
+                out,
                 _AdjointHook(f, h_star, prepared, jvp, on_failure, warm, batch_dims, info,
-                             location=site, autocast_region=autocast_state(h_star.device))
+                             location=site, autocast_region=autocast_state(h_star.device),
+                             h_in=h_in, leaves=leaves),
             )
         if h0.requires_grad:
             out = _ZeroGradTo.apply(out, h0)
