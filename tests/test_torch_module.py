@@ -597,3 +597,13 @@ def test_penalties_take_states_as_fixed_point_does():
     g = torch.Generator().manual_seed(5)
     est_flat = lrt.jacobian_penalty(f_flat, v, probes=3, generator=g)
     assert torch.allclose(est_dict, est_flat, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [1.0, True, 2, "1"])
+def test_batch_dims_judged_as_solve_judges_it(bad):
+    # 1.0 and True are not the integer 1: refused by the layer and the penalty alike, as
+    # linsolve_rbp.solve refuses them.
+    with pytest.raises((ValueError, TypeError), match="batch_dims"):
+        lrt.DEQ(lambda h: 0.5 * h, batch_dims=bad)
+    with pytest.raises((ValueError, TypeError), match="batch_dims"):
+        lrt.jacobian_penalty(lambda h: 0.5 * h, torch.zeros(2, 3), batch_dims=bad)

@@ -383,6 +383,7 @@ def _anderson(rows, x, maxiter, mon, m, lam, tau):
     # matter to the least-squares problem).
     dX = x.new_zeros((rows.B, m, x.shape[1]))
     dG = torch.zeros_like(dX)
+    eye = torch.eye(m, dtype=sd, device=x.device)  # sliced to the memory in use
     count = 0
     fx = rows.F(x)
     x_prev = g_prev = None
@@ -411,7 +412,7 @@ def _anderson(rows, x, maxiter, mon, m, lam, tau):
             mk = H.shape[-1]
             tr = torch.diagonal(H, dim1=1, dim2=2).sum(-1)
             reg = torch.where(tr > 0, lam * tr / mk + torch.finfo(sd).tiny, 1.0)
-            H = H + reg[:, None, None] * torch.eye(mk, dtype=sd, device=x.device)
+            H = H + reg[:, None, None] * eye[:mk, :mk]
             rhs = (DGs @ g.to(sd)[:, :, None])
             gamma, _ = torch.linalg.solve_ex(H, rhs)
             gamma = torch.nan_to_num(gamma, nan=0.0, posinf=0.0, neginf=0.0)[:, :, 0].to(x.dtype)

@@ -25,7 +25,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from ..._validate import ArgumentTypeError, boolean, choice, nonnegative_real, positive_int
+from ..._validate import ArgumentTypeError, boolean, check_common, choice, nonnegative_real, positive_int
 from ._checks import check_policy
 from ._tree import detached, tensors
 from .dropout import VariationalDropout
@@ -351,9 +351,8 @@ class DEQ(torch.nn.Module):
             self.forward_tol if eval_forward_tol is _SAME
             else nonnegative_real(eval_forward_tol, "eval_forward_tol", allow_none=True)
         )
-        if batch_dims not in (0, 1) or isinstance(batch_dims, bool):
-            raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims!r}")
-        self.batch_dims = int(batch_dims)
+        # Judged as linsolve_rbp.solve judges it (1.0 and True are refused, with the reason).
+        self.batch_dims = check_common({"batch_dims": batch_dims})["batch_dims"]
         self.backward_options = _check_backward(backward, self.batch_dims)
         self.on_failure = check_policy(on_failure)
         self.timing = boolean(timing, "timing")

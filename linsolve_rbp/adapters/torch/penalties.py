@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..._validate import choice, positive_int
+from ..._validate import check_common, choice, positive_int
 from ._tree import Structure
 
 __all__ = ["jacobian_penalty", "jacobian_matrix", "column_norm_penalty", "gershgorin_penalty"]
@@ -42,8 +42,7 @@ def _record(f, h, batch_dims, name):
     (:class:`~linsolve_rbp.adapters.torch._tree.Structure`)."""
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
-    if batch_dims not in (0, 1) or isinstance(batch_dims, bool):
-        raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims!r}")
+    batch_dims = check_common({"batch_dims": batch_dims})["batch_dims"]
     st = Structure.of(h, name, batch_dims)
     inputs = [t.detach().requires_grad_(True) for t in st.leaves(h, name)]
     with torch.enable_grad():
