@@ -16,6 +16,7 @@ import math
 from .. import backend as _b
 from ._base import BREAKDOWN, Monitor, Problem, Solver, allreduce_sum, local_dot, norm, safe_norm
 from ._compile import requested
+from ._krylov import host_upper_solve
 from .cg import compiled_step
 
 __all__ = ["GMRES"]
@@ -319,6 +320,117 @@ def _givens1(hp, a, b, cplx, T):
     nrm = hp.hypot(a, b)
     safe = nrm if nrm > 0 else T(1)
     return a / safe, b / safe, nrm
+
+
+_SHIFTS: dict = {}
+
+
+def _shift(hp, k: int, dtype):
+    """``eye(k, k + 1, k=1)`` on the host, made once per size and dtype (read only)."""
+    key = (k, dtype)
+    a = _SHIFTS.get(key)
+    if a is None:
+        a = _SHIFTS[key] = hp.eye(k, k + 1, k=1, dtype=dtype)
+        a.flags.writeable = False
+    return a
+
+
+def _small1(hp, H, Qh, c, s, lives, beta):
+    """:meth:`GMRES._small` for one system, on the 2-D host arrays of its cycle (``H``
+    (m + 1, m), ``Qh`` whose rows are the ``q_i``, ``c``, ``s``, ``lives`` of shape (k,),
+    ``beta`` of shape (1,)), with the same operations on arrays without the batch axis (the
+    same values, bit for bit), the masking skipped when every column is taken, and then, in
+    float64 with a finite ``R``, LAPACK's triangular solve for ``numpy.linalg.solve``
+    (:func:`host_upper_solve`: the same values there): ``(y, use)``, ``y`` of shape (k,)."""
+    k = c.shape[0]
+    Q = c[:, None] * Qh[:k, : k + 1] + s[:, None] * _shift(hp, k, H.dtype)
+    R = Q @ H[: k + 1, :k]
+    if H.dtype == hp.float64:
+        g = beta[0] * Q[:, 0]
+        trtrs = host_upper_solve()
+        if trtrs is not None and lives.all() and math.isfinite(R.sum()):
+            # The solve reads R's upper triangle (what triu keeps); a zero pivot (info > 0)
+            # takes the masked solve below, and so does a non-finite R (where the LU would
+            # differ from the triangular solve).
+            y, info = trtrs(R, g)
+            if info == 0:
+                return y, lives
+    else:
+        g = hp.astype(beta, H.dtype) * Q[:, 0]
+    R = hp.triu(R)
+    use = lives & (hp.linalg.diagonal(R) != 0)
+    if not use.all():
+        R = hp.where(use[None, :], R, hp.eye(k, dtype=H.dtype))
+        g = hp.where(use, g, hp.zeros_like(g))
+    return hp.linalg.solve(R, g[:, None])[:, 0], use
+
+
+def _small_host(hp, H, Qh, c, s, lives, beta, work):
+    """:meth:`GMRES._small` for a batch on the host (numpy arrays), the same values bit for
+    bit with less work. ``Q`` and ``R = Q H`` are written into the workspaces ``work`` (a
+    dict, filled on first use: flat buffers for the largest ``k``), and ``Q`` formed in one
+    pass (``c_i q_i``, then ``s_i`` added on its superdiagonal: where the shift is zero,
+    ``s_i * 0 = +0`` is added, which only turns a ``-0`` into ``+0``, done with ``+= 0``;
+    ``s_i >= 0`` unless NaN). In float64 each system's masked triangular system (unused
+    columns replaced by identity columns) is solved by LAPACK's triangular solve
+    (:func:`host_upper_solve`: the value ``numpy.linalg.solve`` gives on an upper-triangular
+    matrix with a nonzero diagonal), a system with no column taken gets ``y = 0`` (what that
+    solve gives), and systems whose ``R`` is not finite go through ``numpy.linalg.solve`` as
+    in ``_small``."""
+    B, k = c.shape
+    if "Q" not in work:
+        m = Qh.shape[1]
+        work["Q"] = hp.empty((B * m * (m + 1),), dtype=H.dtype)
+        work["R"] = hp.empty((B * m * m,), dtype=H.dtype)
+    Q = work["Q"][: B * k * (k + 1)].reshape(B, k, k + 1)
+    R = work["R"][: B * k * k].reshape(B, k, k)
+    if not hp.isdtype(H.dtype, "complex floating") and not hp.isnan(s).any():
+        hp.multiply(Qh[:, :k, : k + 1], c[:, :, None], Q)
+        Q.reshape(B, -1)[:, 1 :: k + 2] += s
+        Q += 0.0
+    else:
+        Q[...] = c[:, :, None] * Qh[:, :k, : k + 1] + s[:, :, None] * _shift(hp, k, H.dtype)
+    hp.matmul(Q, H[:, : k + 1, :k], R)
+    g = hp.astype(beta, H.dtype)[:, None] * Q[:, :, 0]
+    use = lives & (hp.linalg.diagonal(R) != 0)
+    trtrs = host_upper_solve() if H.dtype == hp.float64 else None
+    if trtrs is None:
+        rest = None
+    else:
+        y = hp.zeros((B, k), dtype=H.dtype)
+        if use.all():
+            Rm, gm = R, g
+        else:
+            Rm = hp.where(use[:, None, :], R, _eye(hp, k, H.dtype))
+            gm = hp.where(use, g, hp.zeros_like(g))
+        # (A non-finite R would make the LU differ from the triangular solve.)
+        fine = hp.isfinite(R.sum(axis=(1, 2)))
+        taken = use.any(axis=1)
+        for i in hp.flatnonzero(fine & taken).tolist():
+            y[i] = trtrs(Rm[i], gm[i])[0]
+        rest = taken & ~fine
+        if not rest.any():
+            return y[:, :, None], use
+    Rr, gr, ur = (R, g, use) if rest is None else (R[rest], g[rest], use[rest])
+    Rr = hp.triu(Rr)
+    if not ur.all():
+        Rr = hp.where(ur[:, None, :], Rr, _eye(hp, k, H.dtype))
+        gr = hp.where(ur, gr, hp.zeros_like(gr))
+    yr = hp.linalg.solve(Rr, gr[:, :, None])
+    if rest is None:
+        return yr, use
+    y[rest] = yr[:, :, 0]
+    return y[:, :, None], use
+
+
+def _eye(hp, k: int, dtype):
+    """``eye(k)`` on the host, made once per size and dtype (read only)."""
+    key = (k, -1, dtype)
+    a = _SHIFTS.get(key)
+    if a is None:
+        a = _SHIFTS[key] = hp.eye(k, dtype=dtype)
+        a.flags.writeable = False
+    return a
 
 
 class GMRES(Solver):
@@ -634,7 +746,7 @@ class GMRES(Solver):
                 # breakdowns, and the test of the last estimate (a system that stopped keeps
                 # its estimate, so the last test decides as the K tests do).
                 mon.k += K
-                mon.history.extend([E[j] for j in range(K)])
+                mon.history.extend(E[:K].unbind(0))  # K views in one call
                 mon._set(xp.any(BR[:K], axis=0), BREAKDOWN)
                 mon._test(E[K - 1])
             else:
@@ -669,7 +781,15 @@ class GMRES(Solver):
         the passes in the data's namespace and bring the coefficients to the host through a
         shared buffer (or a conversion where nothing is shared). Without item assignment
         (``mutable`` False: JAX) the basis is a list of vectors, stacked for the products
-        with it. The arithmetic is the device path's, operation for operation."""
+        with it. The arithmetic is the device path's, operation for operation.
+
+        Every operation here is a fixed cost paid around the products, and on a slow product
+        a cold one (the caches hold the product's data by then): a step writes its results
+        straight into preallocated host arrays (the Hessenberg matrix stored by columns, the
+        rotations' rows made in place), one system's small solve at the end of a cycle runs
+        on 2-D arrays and LAPACK's triangular solve (:func:`_small1`, :func:`_small_host`
+        for batches), and one float64 system closes its cycles on host floats
+        (:func:`_end_cycle1`), each giving the values of the general form bit for bit."""
         xp = prob.xp
         dev = prob.device
         B, n = prob.nsys, prob.A.shape[1]
@@ -706,32 +826,40 @@ class GMRES(Solver):
         ones_r = xp.ones((B,), dtype=rdtype, device=dev)
         factor = ones_r
         V = xp.zeros((B, m + 1, n), dtype=dtype, device=dev) if mutable else None
-        # A batch's small results of a step (the coefficients and h_{j+1,j}^2) are written
-        # into one device buffer whose host view is made once, where the library shares
-        # memory with numpy: no conversion per step. Elsewhere each is converted.
-        G = G_h = None
-        if mutable:
-            G = xp.zeros((B, 2 * m + 4, 1), dtype=dtype, device=dev)
-            G_h = host(G)
-            G[0, 0, 0] = 1
-            if not (G_h.shape == (B, 2 * m + 4, 1) and G_h[0, 0, 0] == 1):
-                G = G_h = None
+        native = isinstance(like, hp.ndarray)  # numpy itself: its results are host arrays
         if mutable:
             rows = [V[:, i, :] for i in range(m + 1)]
         # One system whose basis numpy can share (numpy, torch on the CPU): the Gram-Schmidt
         # passes run in numpy on a host view of the basis, made once, so that a step costs
         # the product and a few numpy operations whatever the library.
         single = False
-        if B == 1 and G is not None and not fused:
+        if B == 1 and mutable and not fused:
             Vh = host(V)
             V[0, 0, 0] = 1
             single = Vh.shape == (B, m + 1, n) and Vh[0, 0, 0] == 1
             V[0, 0, 0] = 0
+        # A batch's small results of a step (the coefficients and h_{j+1,j}^2) are written
+        # into one device buffer whose host view is made once, where the library shares
+        # memory with numpy: no conversion per step. Elsewhere each is converted (numpy's
+        # need none).
+        G = G_h = None
+        if mutable and not single and not native:
+            G = xp.zeros((B, 2 * m + 4, 1), dtype=dtype, device=dev)
+            G_h = host(G)
+            G[0, 0, 0] = 1
+            if not (G_h.shape == (B, 2 * m + 4, 1) and G_h[0, 0, 0] == 1):
+                G = G_h = None
         if single:
             V2 = Vh[0, :, :]
             pre = [V2[:i, :] for i in range(m + 1)]
-        H = hp.zeros((B, m + 1, m), dtype=hdt)
-        Qh = hp.zeros((B, m, m + 1), dtype=hdt)
+        # The Hessenberg matrix H, stored by columns (Ht[:, j] is column j: a step writes one
+        # contiguous row), copied to a contiguous H when x is formed.
+        Ht = hp.zeros((B, m, m + 1), dtype=hdt)
+        H = Ht.transpose(0, 2, 1)
+        # The rows q_j of the rotations' product (see _rotate), row j + 1 made from row j in
+        # place; Qh, the first m, is what the small solve reads.
+        Qb = hp.zeros((B, m + 1, m + 1), dtype=hdt)
+        Qh = Qb[:, :m, :]
         C = hp.zeros((B, m), dtype=hdt)
         S = hp.zeros((B, m), dtype=hdt)
         L = hp.zeros((B, m), dtype=hp.bool)
@@ -743,15 +871,67 @@ class GMRES(Solver):
         anorm = zero_h
         piv_tol = 10.0 * eps * (m ** 0.5)
         lucky_tol = _lucky_tol(eps, m)
-        # Numpy scalars of the working precision, for the scalar algebra of one system.
-        T = hrdt.type
+        # Scalars of the working precision, for the scalar algebra of one system: numpy's, or
+        # Python floats in float64 (whose arithmetic is float64's, and cheaper than numpy's).
+        T = float if hrdt == hp.float64 else hrdt.type
         one1 = T(1)
-        anorm1 = T(0)
+        zero1 = T(0)
+        anorm1 = zero1
+        maxiter = prob.maxiter
+        check1 = prob.check_every != 1
+        target1 = None if target is None else float(host(target)[0])
+        if single:
+            Hs, Cs, Ss, Ls = H[0], C[0], S[0], L[0]
+            V2rows, Qrows = list(V2), list(Qb[0])
+        if native:
+            def est_array(e):
+                return hp.asarray([e])
+
+            def basis_times(k, y):
+                return (y @ V2[:k])[None, :]
+
+            def put_row0(r, f):
+                hp.divide(r, f, V[:, 0, :])
+
+            def rsub(a, t):
+                # a - t, into the temporary t.
+                return hp.subtract(a, t, t)
+
+            def put_scaled(dst, v, s_h):
+                # dst <- v * s_h (the rows of v by the host scalars s_h), with no temporary.
+                hp.multiply(v, s_h[0].item() if B == 1 else s_h[:, None], dst)
+        else:
+            def est_array(e):
+                return to_dev(hp.asarray([e], dtype=hrdt))
+
+            def basis_times(k, y):
+                return xp.matmul(xp.matrix_transpose(V[:, :k, :]), to_dev(y[None, :, None]))[:, :, 0]
+
+            def rsub(a, t):
+                return a - t
+
+            def put_scaled(dst, v, s_h):
+                dst[...] = scaled(v, s_h)
+
+            def put_row0(r, f):
+                V[:, 0, :] = r / f
+
+        work = {}
 
         def form_x(x, basis, k):
             if k == 0:
                 return x
-            y, use = self._small(hp, "cpu", H, Qh, C[:, :k], S[:, :k], L[:, :k], beta_h)
+            if single:
+                y, use = _small1(hp, hp.ascontiguousarray(Hs[: k + 1, :k]), Qb[0], Cs[:k], Ss[:k], Ls[:k],
+                                 beta_h)
+                if not use[0]:
+                    return x
+                # numpy: V_k^T y on the host view, the batched product's value; elsewhere
+                # the library's own product, as in the batched form below.
+                u = basis_times(k, y)
+                return x + (u if psolve is None else psolve(u))
+            y, use = _small_host(hp, hp.ascontiguousarray(H[:, : k + 1, :k]), Qh, C[:, :k], S[:, :k],
+                                 L[:, :k], beta_h, work)
             Vk = basis[:, :k, :] if mutable else xp.stack(basis[:k], axis=1)
             u = xp.matmul(xp.matrix_transpose(Vk), to_dev(y))[:, :, 0]
             if psolve is not None:
@@ -763,181 +943,202 @@ class GMRES(Solver):
                 return x
             return xp.where(to_dev(use0)[:, None], x + u, x)
 
+        # Row 0 of the rotations' rows, e_0, is the same every cycle (the steps write rows 1..m).
+        Qb[:, 0, :] = e0
         while mon.k < prob.maxiter and mon.any_active():
             cycles += 1
             x_start, r_start = x, r
-            live = host(mon.active) & (beta_h > 0)
-            started = live
-            safe = hp.where(beta_h > 0, beta_h, one_h)
-            v0 = scaled(r, safe, divide=True)
-            if not bool(hp.all(live)):
-                v0 = xp.where(to_dev(live)[:, None], v0, xp.zeros_like(v0))
-            if mutable:
-                V[:, 0, :] = v0
-                basis = V
-            else:
-                basis = [v0]
-            q = hp.asarray(e0, copy=True)
-            gcur = hp.astype(beta_h, hdt)
-            est = beta_h
             if single:
-                q = q[0]
-                live1 = bool(live[0])
-                gcur1 = gcur[0]
-                est1 = est[0]
+                # The cycle's start on host scalars: a handful of operations fewer per cycle.
+                b0 = beta_h[0]
+                live1 = started1 = bool(host(mon.active)[0]) and b0 > 0
+                if live1:
+                    put_row0(r, float(b0))
+                else:
+                    V[:, 0, :] = 0
+                gcur1 = hp.astype(beta_h, hdt)[0] if cplx else T(b0)
+                est1 = T(b0)
+            else:
+                live = host(mon.active) & (beta_h > 0)
+                started = live
+                safe = hp.where(beta_h > 0, beta_h, one_h)
+                v0 = scaled(r, safe, divide=True)
+                if not live.all():
+                    v0 = xp.where(to_dev(live)[:, None], v0, xp.zeros_like(v0))
+                if mutable:
+                    V[:, 0, :] = v0
+                    basis = V
+                else:
+                    basis = [v0]
+                gcur = hp.astype(beta_h, hdt)
+                est = beta_h
             xcb = x
             k = 0
-            for j in range(m):
-                if mon.k >= prob.maxiter:
+            if single:
+                # One system: 2-D and 1-D products on prefix views of the basis made once
+                # (cheaper than batched ones with a leading axis of 1), and the small algebra
+                # on scalars of the working precision (Python floats in float64), each written
+                # straight into the cycle's host arrays; the rotations' rows q_j are rows of
+                # Qb, row j + 1 made from row j by one multiplication into it.
+                for j in range(m):
+                    if mon.k >= maxiter:
+                        break
+                    stepped1 = live1
+                    vj = rows[j]
+                    w = host(mv(vj if psolve is None else psolve(vj)))[0]
+                    Vj = pre[j + 1]
+                    # Classical Gram-Schmidt, twice; ||w||^2 = ||h||^2 + h_{j+1,j}^2.
+                    if cplx:
+                        h1 = hp.conj(Vj @ hp.conj(w))
+                        w1 = w - h1 @ Vj
+                        h2 = hp.conj(Vj @ hp.conj(w1))
+                        w2 = w1 - h2 @ Vj
+                        hn = T(math.sqrt((hp.conj(w2) @ w2).real))
+                        h = h1 + h2
+                        hh = (h @ hp.conj(h)).real
+                    else:
+                        h1 = Vj @ w
+                        w1 = w - h1 @ Vj
+                        h2 = Vj @ w1
+                        w2 = w1 - h2 @ Vj
+                        hn = T(math.sqrt(w2 @ w2))
+                        h = h1 + h2
+                        hh = T(h @ h)
+                    wn = T(math.sqrt(hh + hn * hn))
+                    if live1 and wn > anorm1:
+                        anorm1 = wn
+                    lucky = hn <= eps * wn
+                    if lucky:
+                        hn = zero1
+                    scale = one1 / hn if live1 and not lucky else zero1
+                    hp.multiply(w2, float(scale), V2rows[j + 1])
+                    Hs[: j + 1, j] = h
+                    Hs[j + 1, j] = hn
+                    qj = Qrows[j]
+                    # (q_j . h as a 1-D product: the batched one's value, bit for bit)
+                    if cplx:
+                        c, s, rr = _givens1(hp, qj[: j + 1] @ h, hn, cplx, T)
+                        ms = -s.conjugate()
+                    else:
+                        # _givens1, inline
+                        a = T(qj[: j + 1] @ h)
+                        rr = T(hp.hypot(a, hn))
+                        safe = rr if rr > 0 else one1
+                        c = a / safe
+                        s = hn / safe
+                        ms = -s
+                    q1 = Qrows[j + 1]
+                    hp.multiply(ms, qj, q1)
+                    q1[j + 1] = c
+                    Cs[j] = c
+                    Ss[j] = s
+                    gcur1 = ms * gcur1
+                    k = j + 1
+                    if live1 and abs(rr) <= (lucky_tol if lucky else piv_tol) * anorm1:
+                        mon._set(to_dev(hp.asarray([True])), BREAKDOWN)
+                        live1 = False
+                    Ls[j] = live1
+                    if live1:
+                        est1 = abs(gcur1)
+                    live1 = live1 and not lucky
+                    xk = None
+                    if callback is not None:
+                        # A system that stopped earlier in the cycle keeps the x it stopped with.
+                        xk = form_x(x, V, k) if stepped1 else xcb
+                        xcb = xk
+                    # est as a new (1,) array of the data's library, holding est exactly.
+                    if mon.update(est_array(est1), xk):
+                        break
+                    if check1:
+                        # (With check_every = 1 the monitor says stop exactly when the system
+                        # stopped.) On the host, reading the flag costs no synchronisation.
+                        live1 = live1 and bool(host(mon.active)[0])
+            for j in range(0 if single else m):
+                if mon.k >= maxiter:
                     break
                 stepped = live
-                if single:
-                    stepped1 = live1
                 vj = rows[j] if mutable else basis[j]
                 w = mv(vj if psolve is None else psolve(vj))
                 # Classical Gram-Schmidt, twice, as products with the basis; ||w|| follows
                 # from the coefficients, ||w||^2 = ||h||^2 + h_{j+1,j}^2. (The operators @, -, ...
                 # call the library directly; the namespace's functions may go through a wrapper
                 # that costs more than the operation on small data.)
-                if single:
-                    # One system: 2-D and 1-D products, cheaper than batched ones with a
-                    # leading axis of 1, on prefix views of the basis made once.
-                    w = host(w)[0, :]
-                    Vj = pre[j + 1]
-                    if cplx:
-                        h1 = hp.conj(Vj @ hp.conj(w))
-                        w1 = w - h1 @ Vj
-                        h2 = hp.conj(Vj @ hp.conj(w1))
-                        w2 = w1 - h2 @ Vj
-                        hn2 = hp.conj(w2) @ w2
-                    else:
-                        h1 = Vj @ w
-                        w1 = w - h1 @ Vj
-                        h2 = Vj @ w1
-                        w2 = w1 - h2 @ Vj
-                        hn2 = w2 @ w2
-                    h = h1 + h2
-                    hn = T(math.sqrt(hn2.real if cplx else hn2))
-                    hh = (h @ hp.conj(h)).real if cplx else h @ h
-                    wn = T(math.sqrt(hh + hn * hn))
-                    # The small algebra of a step on numpy scalars of the working precision.
-                    if live1 and wn > anorm1:
-                        anorm1 = wn
-                    lucky = hn <= eps * wn
-                    if lucky:
-                        hn = T(0)
-                    scale = one1 / hn if live1 and not lucky else T(0)
-                    V2[j + 1, :] = w2 * scale.item()
-                    H[0, : j + 1, j] = h
-                    H[0, j + 1, j] = hn
-                    a = hp.matmul(q[None, None, : j + 1], h[None, :, None])[0, 0, 0]
-                    c, s, rr = _givens1(hp, a, hn, cplx, T)
-                    Qh[0, j, :] = q
-                    ms = -s.conjugate() if cplx else -s
-                    q = ms * q
-                    q[j + 1] = c
-                    C[0, j] = c
-                    S[0, j] = s
-                    gcur1 = ms * gcur1
-                    k = j + 1
-                    broke = live1 and abs(rr) <= (lucky_tol if lucky else piv_tol) * anorm1
-                    if broke:
-                        mon._set(to_dev(hp.asarray([True])), BREAKDOWN)
-                        live1 = False
-                    L[0, j] = live1
-                    if live1:
-                        est1 = abs(gcur1)
-                    live1 = live1 and not lucky
+                Vj = V[:, : j + 1, :] if mutable else xp.stack(basis, axis=1)
+                if fused:
+                    # The inner products of a pass reduced together (see _gram_schmidt);
+                    # the replicated results come to the host.
+                    h, hn, wn, w2, lucky = _gram_schmidt(xp, Vj, w, twice, cplx, eps)
+                    h, hn, wn, lucky = host(h)[:, :, 0], host(hn), host(wn), host(lucky)
                 else:
-                    Vj = V[:, : j + 1, :] if mutable else xp.stack(basis, axis=1)
-                    if fused:
-                        # The inner products of a pass reduced together (see _gram_schmidt);
-                        # the replicated results come to the host.
-                        h, hn, wn, w2, lucky = _gram_schmidt(xp, Vj, w, twice, cplx, eps)
-                        h, hn, wn, lucky = host(h)[:, :, 0], host(hn), host(wn), host(lucky)
+                    VjT = Vj.mT
+                    wc = w[:, :, None]
+                    if cplx:
+                        h1 = xp.conj(Vj @ xp.conj(wc))
+                        w1 = wc - VjT @ h1
+                        h2 = xp.conj(Vj @ xp.conj(w1))
+                        w2 = (w1 - VjT @ h2)[:, :, 0]
+                        hn2 = xp.conj(w2)[:, None, :] @ w2[:, :, None]
                     else:
-                        VjT = Vj.mT
-                        wc = w[:, :, None]
-                        if cplx:
-                            h1 = xp.conj(Vj @ xp.conj(wc))
-                            w1 = wc - VjT @ h1
-                            h2 = xp.conj(Vj @ xp.conj(w1))
-                            w2 = (w1 - VjT @ h2)[:, :, 0]
-                            hn2 = xp.conj(w2)[:, None, :] @ w2[:, :, None]
-                        else:
-                            h1 = Vj @ wc
-                            w1 = wc - VjT @ h1
-                            h2 = Vj @ w1
-                            w2 = (w1 - VjT @ h2)[:, :, 0]
-                            hn2 = w2[:, None, :] @ w2[:, :, None]
-                        if G is not None:
-                            G[:, : j + 1, :] = h1 + h2
-                            G[:, m + 1 : m + 2, :] = hn2
-                            h, hn2 = G_h[:, : j + 1, 0], G_h[:, m + 1, 0]
-                        else:
-                            h, hn2 = host(h1 + h2)[:, :, 0], host(hn2)[:, 0, 0]
-                        hn = hp.sqrt(hp.real(hn2) if cplx else hn2)
-                        hh = hp.real(hp.sum(h * hp.conj(h), axis=-1)) if cplx else hp.sum(h * h, axis=-1)
-                        wn = hp.sqrt(hh + hn * hn)
-                        eh0 = eps * wn
-                        lucky = hn <= eh0
-                        hn = hp.where(lucky, zero_h, hn)
-                    anorm = hp.where(live & (wn > anorm), wn, anorm)
-                    unlucky = ~lucky
-                    scale = hp.where(live & unlucky, one_h / hp.where(lucky, one_h, hn), zero_h)
-                    if mutable:
-                        V[:, j + 1, :] = scaled(w2, scale)
+                        h1 = Vj @ wc
+                        w1 = rsub(wc, VjT @ h1)
+                        h2 = Vj @ w1
+                        w2 = rsub(w1, VjT @ h2)[:, :, 0]
+                        hn2 = w2[:, None, :] @ w2[:, :, None]
+                    if G is not None:
+                        G[:, : j + 1, :] = h1 + h2
+                        G[:, m + 1 : m + 2, :] = hn2
+                        h, hn2 = G_h[:, : j + 1, 0], G_h[:, m + 1, 0]
                     else:
-                        basis.append(scaled(w2, scale))
-                    H[:, : j + 1, j] = h
-                    H[:, j + 1, j] = hn
-                    a = hp.matmul(q[:, None, : j + 1], h[:, :, None])[:, 0, 0]
-                    c, s, rr = _givens(hp, a, hn, cplx, one_h)
-                    Qh[:, j, :] = q
-                    ms = -hp.conj(s) if cplx else -s
-                    q = ms[:, None] * q
-                    q[:, j + 1] = c
-                    C[:, j] = c
-                    S[:, j] = s
-                    gcur = ms * gcur
-                    k = j + 1
-                    # A pivot that vanishes to working precision (so h_{j+1,j} does too): A M is
-                    # singular on the Krylov space and the residual cannot be reduced further;
-                    # the column is left out, so x minimises the residual over the previous
-                    # space.
-                    broke = live & ((hp.abs(rr) if cplx else rr) <= hp.where(lucky, lucky_tol, piv_tol) * anorm)
-                    if bool(hp.any(broke)):
-                        mon._set(to_dev(broke), BREAKDOWN)
+                        h, hn2 = host(h1 + h2)[:, :, 0], host(hn2)[:, 0, 0]
+                    hn = hp.sqrt(hp.real(hn2) if cplx else hn2)
+                    hh = hp.real(hp.sum(h * hp.conj(h), axis=-1)) if cplx else hp.sum(h * h, axis=-1)
+                    wn = hp.sqrt(hh + hn * hn)
+                    lucky = hn <= eps * wn
+                    hn = hp.where(lucky, zero_h, hn)
+                anorm = hp.where(live & (wn > anorm), wn, anorm)
+                unlucky = ~lucky
+                scale = hp.where(live & unlucky, one_h / hp.where(lucky, one_h, hn), zero_h)
+                if mutable:
+                    put_scaled(rows[j + 1], w2, scale)
+                else:
+                    basis.append(scaled(w2, scale))
+                Ht[:, j, : j + 1] = h
+                Ht[:, j, j + 1] = hn
+                qj = Qb[:, j, : j + 1]
+                a = hp.matmul(qj[:, None, :], h[:, :, None])[:, 0, 0]
+                c, s, rr = _givens(hp, a, hn, cplx, one_h)
+                ms = -hp.conj(s) if cplx else -s
+                # q_{j+1} = -conj(s) q_j + c e_{j+1}; its entries past j + 1 stay zero (of
+                # either sign: Q = c q + s shift adds +0 there, see _small).
+                q1 = Qb[:, j + 1, :]
+                hp.multiply(ms[:, None], qj, out=q1[:, : j + 1])
+                q1[:, j + 1] = c
+                C[:, j] = c
+                S[:, j] = s
+                gcur = ms * gcur
+                k = j + 1
+                # A pivot that vanishes to working precision (so h_{j+1,j} does too): A M is
+                # singular on the Krylov space and the residual cannot be reduced further;
+                # the column is left out, so x minimises the residual over the previous
+                # space.
+                broke = live & ((hp.abs(rr) if cplx else rr) <= hp.where(lucky, lucky_tol, piv_tol) * anorm)
+                if broke.any():
+                    mon._set(to_dev(broke), BREAKDOWN)
                     live = live & ~broke
-                    L[:, j] = live
-                    est = hp.where(live, hp.abs(gcur), est)
-                    live = live & unlucky
+                L[:, j] = live
+                est = hp.where(live, hp.abs(gcur), est)
+                live = live & unlucky
                 xk = None
                 if callback is not None:
                     # Systems that stopped earlier in the cycle keep the x they stopped with.
                     xk = form_x(x, V if mutable else basis, k)
-                    if single:
-                        if not stepped1:
-                            xk = xcb
-                    elif not bool(hp.all(stepped)):
+                    if not stepped.all():
                         xk = xp.where(to_dev(stepped)[:, None], xk, xcb)
                     xcb = xk
-                if single:
-                    # ones * est: a new device array holding est exactly, in one operation.
-                    stop = mon.update(ones_r * est1.item(), xk)
-                    if stop:
-                        live1 = False
-                    elif prob.check_every != 1:
-                        # (With check_every = 1 the monitor says stop exactly when the system
-                        # stopped.) On the host, reading the flag costs no synchronisation.
-                        live1 = live1 and bool(host(mon.active)[0])
-                else:
-                    stop = mon.update(to_dev(est), xk)
-                    live = live & host(mon.active)
+                stop = mon.update(to_dev(est), xk)
+                live = live & host(mon.active)
                 if stop:
                     break
-            if single:
-                est = hp.asarray([est1], dtype=hrdt)
             if callback is not None:
                 x = xcb
             else:
@@ -948,9 +1149,21 @@ class GMRES(Solver):
             # The cycle minimised the residual over x_start + M K: a true residual far above
             # the one it started from means the small least-squares problem was numerically
             # singular (A singular on the Krylov space, b outside its range); keep x_start.
-            worse = started & hp.isfinite(rtrue_h) & (rtrue_h > 10.0 * beta_h)
+            if single:
+                rt = rtrue_h[0]
+                if not (started1 and math.isfinite(rt) and rt > 10.0 * b0) and T is float:
+                    # float64: the adaptive tolerance on host floats, float64's arithmetic.
+                    factor = _end_cycle1(mon, x, rtrue, float(rt), factor, est1, target1, eps, ones_r)
+                    beta, beta_h = rtrue, rtrue_h
+                    continue
+                worse = hp.asarray([started1]) & hp.isfinite(rtrue_h) & (rtrue_h > 10.0 * beta_h)
+                est = hp.asarray([est1], dtype=hrdt)
+                if isinstance(factor, float):
+                    factor = ones_r * factor
+            else:
+                worse = started & hp.isfinite(rtrue_h) & (rtrue_h > 10.0 * beta_h)
             x, r, rtrue, factor = _end_cycle(
-                mon, xp, x, r, rtrue, to_dev(worse) if bool(hp.any(worse)) else None, x_start,
+                mon, xp, x, r, rtrue, to_dev(worse) if worse.any() else None, x_start,
                 r_start, beta, factor, to_dev(est), target, eps, ones_r)
             beta = rtrue
             beta_h = host(beta)
@@ -972,6 +1185,26 @@ def _lucky_tol(eps: float, m: int) -> float:
     rounding of ``A x`` for so large an ``x``), beyond any tolerance a user sets.
     """
     return 1e3 * m * eps
+
+
+def _end_cycle1(mon, x, rtrue, rt, factor, est, target, eps, ones_r):
+    """:func:`_end_cycle` for one float64 system whose cycle did not make the residual worse,
+    with the adaptive tolerance on host floats (``rt``, ``est``, ``target`` and ``factor``:
+    Python floats, whose arithmetic is float64's; ``factor`` may come as a (1,) array):
+    returns ``factor``."""
+    reopened = mon.check(x, rtrue)
+    if reopened is None:
+        return factor
+    host = _b.to_numpy
+    if not isinstance(factor, float):
+        factor = float(host(factor)[0])
+    factor = max(factor * 0.25, eps) if bool(host(reopened)[0]) else min(factor * 1.5, 1.0)
+    if bool(host(mon.active)[0]):
+        inner = est * min(factor, target / (rt if rt > 0 else 1.0))
+        mon.threshold = ones_r * inner
+    else:
+        mon.threshold = mon.threshold
+    return factor
 
 
 def _end_cycle(mon, xp, x, r, rtrue, worse, x_start, r_start, beta, factor, est, target, eps, ones_r):
