@@ -31,6 +31,16 @@ def fast_compile(monkeypatch):
     return _compile
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Torch's compiled code dropped after the test: tests that compile many kinds of problem
+    (dtypes, batch sizes) would otherwise fill torch's recompile limit for the later ones."""
+    yield
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 def _system(n=12, rho=0.6, seed=0):
     rng = np.random.default_rng(seed)
     J = rng.standard_normal((n, n)) / np.sqrt(n) * rho
@@ -109,6 +119,74 @@ def test_compiled_step_in_tolerance_mode(fast_compile, method):
     assert seen == [1, 2, 3, 4, 5] and r1.status is lr.Status.COMPLETED
 
 
+# -- half precision -----------------------------------------------------------------------------
+_HALF_CASES = [
+    ("neumann", dict(rtol=None, atol=None, maxiter=10), (0, 1)),
+    ("neumann", dict(rtol=1e-2), (0,)),
+    ("fixed_point", dict(rtol=1e-2, check_every=3), (0, 1)),
+    ("cg", dict(rtol=1e-2), (0, 1)),
+    ("gmres", dict(rtol=1e-2, restart=5), (1,)),
+]
+
+
+def _half_pair(monkeypatch, method, dtype, batch_dims, kw, n=12):
+    """A half-precision system (cg: symmetric positive definite): the compiled solve and the
+    uncompiled one it replaces (gmres: the device path)."""
+    import linsolve_rbp.solvers.gmres as G
+
+    A, b = _system(n=n)
+    if method == "cg":
+        A = A @ A.T + torch.eye(n, dtype=torch.float64)
+    A = A.to(dtype)
+    rhs = (torch.stack([b, torch.linspace(-1.0, 1.0, n, dtype=torch.float64)]) if batch_dims else b).to(dtype)
+    kw = dict(kw, method=method, batch_dims=batch_dims)
+    r1 = lr.solve(A, rhs, compile=True, **kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(G, "_on_host", lambda prob: False)
+        r0 = lr.solve(A, rhs, **kw)
+    return r1, r0
+
+
+def _same_half(r1, r0, dtype, ulps=0):
+    """The same statuses, iterations, products (gmres: besides the discarded steps) and,
+    in the dtype, the same x (to ``ulps`` units of its last place)."""
+    assert r1.status is r0.status and r1.statuses == r0.statuses
+    assert r1.iterations == r0.iterations
+    assert r1.matvecs == r0.matvecs + r1.info.get("discarded_steps", 0)
+    assert r1.x.dtype == r0.x.dtype == dtype
+    tol = ulps * torch.finfo(dtype).eps * float(r0.x.abs().max())
+    assert float((r1.x.double() - r0.x.double()).abs().max()) <= tol
+    h1, h0 = np.asarray(r1.residual_history, float), np.asarray(r0.residual_history, float)
+    assert h1.shape == h0.shape
+    assert np.allclose(h1, h0, rtol=(ulps + 1e-3) * float(torch.finfo(dtype).eps), atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("method, kw, batch_dims", _HALF_CASES)
+def test_compiled_half_precision_is_the_uncompiled_solve(fast_compile, fresh_dynamo, monkeypatch,
+                                                         method, kw, batch_dims, dtype):
+    """float16 and bfloat16: iterated in float32 with the products in the dtype, compiled as
+    uncompiled; the same statuses, iterations and x."""
+    dtype = getattr(torch, dtype)
+    for bd in batch_dims:
+        r1, r0 = _half_pair(monkeypatch, method, dtype, bd, kw)
+        assert r1.success
+        _same_half(r1, r0, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_inductor_half_precision(fresh_dynamo, monkeypatch, dtype):
+    """Inductor's code for half precision (one system and a batch): the uncompiled statuses
+    and iterations, x to one unit in the last place of the dtype (a graph's kernels may round
+    an inner product of the float32 iteration differently)."""
+    dtype = getattr(torch, dtype)
+    for method, kw in (("neumann", dict(rtol=None, atol=None, maxiter=10)),
+                       ("gmres", dict(rtol=1e-2, restart=5))):
+        for bd in (0, 1):
+            _same_half(*_half_pair(monkeypatch, method, dtype, bd, kw), dtype, ulps=1)
+
+
 # -- fixed_point inside torch.compile(model, fullgraph=True) ---------------------------------
 class _DEQ(torch.nn.Module if torch is not None else object):
     def __init__(self, d, backward, forward_tol=None, **kw):
@@ -146,6 +224,78 @@ def test_deq_compiles_fullgraph_forward_and_backward(backward):
     loss1.backward()
     assert torch.allclose(loss1, loss0, rtol=1e-13)
     assert torch.allclose(model.lin.weight.grad, g0, rtol=1e-10, atol=1e-13)
+
+
+def test_deq_compiled_gives_h0_a_zero_gradient_as_uncompiled():
+    """An ``h0`` that requires grad gets a zero gradient (not None) inside torch.compile, as
+    uncompiled: one tensor, a structured state, and an f without parameters."""
+    from linsolve_rbp.adapters import torch as lrt
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 5).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.4)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    bw = {"method": "neumann", "rtol": None, "atol": None, "maxiter": 4}
+    kw = dict(forward_tol=None, forward_maxiter=8, backward=bw, batch_dims=1)
+
+    def one(h0):
+        return (lrt.fixed_point(lambda h: torch.tanh(lin(h) + x), h0, **kw) ** 2).sum()
+
+    def two(h0, s0):
+        a, c = lrt.fixed_point(
+            lambda s: (torch.tanh(lin(s[0]) + x), 0.5 * s[1] + s[0].sum(-1, keepdim=True)),
+            (h0, s0), **kw)
+        return (a ** 2).sum() + c.sum()
+
+    def free(h0):
+        return lrt.fixed_point(lambda h: 0.5 * h + 1.0, h0, **kw).sum()
+
+    for fn, shapes in ((one, [(3, 5)]), (two, [(3, 5), (3, 1)]), (free, [(3, 5)])):
+        grads = []
+        for g in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            lin.zero_grad()
+            states = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+            g(*states).backward()
+            assert all(h.grad is not None and torch.equal(h.grad, torch.zeros_like(h)) for h in states)
+            grads.append(None if lin.weight.grad is None else lin.weight.grad.clone())
+        if grads[0] is not None:
+            assert torch.allclose(grads[1], grads[0], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_deq_compiled_half_precision(dtype):
+    """A half-precision layer inside torch.compile: the uncompiled loss, and its gradients to
+    the rounding of the dtype (the series of the backward summed in float32, as the
+    uncompiled solvers do; phantom by the uncompiled recursion, in the dtype)."""
+    from linsolve_rbp.adapters import torch as lrt
+
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 5).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_(0.4)
+    x = torch.randn(3, 5).to(dtype)
+    for bw in ({"method": "neumann", "rtol": None, "atol": None, "maxiter": 6},
+               {"method": "fixed_point", "rtol": None, "atol": None, "maxiter": 6, "divtol": None},
+               {"method": "phantom", "steps": 3, "damping": 0.5}):
+        def loss(x, bw=bw):
+            h = lrt.fixed_point(lambda h: torch.tanh(lin(h) + x), torch.zeros_like(x),
+                                forward_tol=None, forward_maxiter=12, backward=bw, batch_dims=1)
+            return (h.float() ** 2).sum()
+
+        out = []
+        for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+            lin.zero_grad()
+            value = fn(x)
+            value.backward()
+            out.append((value, lin.weight.grad.clone(), lin.bias.grad.clone()))
+        (l0, *g0), (l1, *g1) = out
+        assert torch.equal(l1, l0)
+        for a, b in zip(g1, g0):
+            assert a.dtype == dtype
+            tol = 2 * torch.finfo(dtype).eps * float(b.float().abs().max())
+            assert float((a.float() - b.float()).abs().max()) <= tol
 
 
 def test_deq_under_compile_refuses_host_reads_by_name():

@@ -55,6 +55,8 @@ reached for a step function, :func:`compiled` runs that function eagerly, with o
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import weakref
 from typing import Callable
 
@@ -63,6 +65,16 @@ __all__ = ["BACKEND", "UNROLL", "available", "compiled", "requested", "check_nam
 #: The :func:`torch.compile` backend used. Tests set ``"aot_eager"`` (dynamo's tracing,
 #: fullgraph checks and autograd, without code generation) to keep compile times short.
 BACKEND = "inductor"
+
+#: Inductor's options (``config_patches``) for the compiled steps of CPU tensors, besides the
+#: matrix-vector products kept as BLAS calls (see :func:`_inductor_backend`). Empty by
+#: default. ``{"cpp_wrapper": True}`` makes the code that calls a graph's kernels C++ instead
+#: of Python (no Python call and no buffer allocation from Python per kernel): the gmres
+#: solve of ``asv_benchmarks/lean_gmres.py`` (dense ``n = 200``, restart 30, three cycles)
+#: then takes 0.79 of the time, but its cycle compiles in about twice the time (110 s
+#: against 50 s on a loaded 2-core machine), hence not the default. Read-only: assign a new
+#: mapping to change it (``_compile.CPU_OPTIONS = {"cpp_wrapper": True}``).
+CPU_OPTIONS = MappingProxyType({})
 
 #: Fixed-budget loops of up to this many iterations are compiled as one graph; longer budgets
 #: run graphs of this many iterations from a Python loop, still without host reads between
@@ -242,7 +254,8 @@ class _Compiled:
         import torch
 
         self.fn = fn
-        self.compiled = torch.compile(fn, fullgraph=fullgraph, backend=BACKEND)
+        backend = _inductor_backend if BACKEND == "inductor" else BACKEND
+        self.compiled = torch.compile(fn, fullgraph=fullgraph, backend=backend)
         self.warned = False
 
     def __call__(self, *args, **kwargs):
@@ -263,3 +276,41 @@ class _Compiled:
                     stacklevel=3,
                 )
             return self.fn(*args, **kwargs)
+
+
+def _mv_as_mm(A, v):
+    """``A @ v`` (2-d by 1-d) as a one-column matrix product: an extern (BLAS) call."""
+    import torch
+
+    return torch.ops.aten.mm.default(A, v.unsqueeze(1)).squeeze(1)
+
+
+def _inductor_backend(gm, example_inputs):
+    """Inductor (:func:`torch._inductor.compile_fx.compile_fx`), with the matrix-vector products
+    ``A @ v`` of a graph on the CPU kept as BLAS calls.
+
+    Inductor decomposes ``aten.mv`` into an elementwise product and a sum, which it compiles
+    as a loop of its own: on the CPU that loop is slower than BLAS's ``gemv`` for a matrix of
+    some size (the dense ``n = 200`` gmres solve of ``asv_benchmarks/lean_gmres.py``, three
+    cycles of 30 such products: 1.23 times as long as with BLAS).
+    Here ``aten.mv`` becomes a one-column ``aten.mm`` instead, which inductor calls as an
+    extern kernel (one that also has a C shim, for ``cpp_wrapper``). The small products of
+    Gram-Schmidt (a basis of up to ``m + 1`` vectors against one vector) stay inductor's
+    loops: as extern calls their fixed cost per call outweighs BLAS's speed. Graphs with
+    tensors on another device are compiled by inductor as they are."""
+    import torch
+
+    try:  # inductor's own entry points (torch 2.1 and later)
+        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
+    except ImportError:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("inductor")(gm, example_inputs)
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    if devices - {"cpu"}:
+        return compile_fx(gm, example_inputs)
+    table = dict(select_decomp_table())
+    table[torch.ops.aten.mv.default] = _mv_as_mm
+    return compile_fx(gm, example_inputs, decompositions=table,
+                      config_patches=dict(CPU_OPTIONS) or None)

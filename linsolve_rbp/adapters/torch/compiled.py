@@ -16,7 +16,12 @@ fixed-point layer into one graph, its backward included.
   ``maxiter`` terms (``maxiter`` products), ``T = maxiter`` is ``fixed_point`` from zero
   (``maxiter - 1`` products), exactly the sums the uncompiled solvers return in fixed-budget
   mode with ``divtol=None``; ``{"method": "phantom", "steps": k, "damping": lam}`` gives
-  ``T = k`` and ``{"method": "jfb"}`` ``T = 1`` (``z = g``).
+  ``T = k`` and ``{"method": "jfb"}`` ``T = 1`` (``z = g``). The arithmetic is the
+  uncompiled one: a series is summed in float32 for a float16 or bfloat16 state (the products
+  in the state's dtype), phantom runs the uncompiled recursion ``z <- z + lam (g - z + J^T
+  z)``.
+- An ``h0`` that requires grad gets a zero gradient, as uncompiled (a fixed point does not
+  depend on where the iteration started).
 
 Nothing is measured inside the graph (a residual or a status would be read on the host):
 there is no result, no warning and no divergence test, and ``return_info``, ``warm_start``
@@ -140,30 +145,61 @@ def _forward_tau(forward) -> float:
 
 class _Adjoint(torch.autograd.Function):
     """Identity on ``y = f(h*)``; its backward replaces the gradient ``g`` by
-    ``z = lam sum_{i<T} ((1 - lam) I + lam J^T)^i g`` (``J = df/dh`` at ``h*``)."""
+    ``z = lam sum_{i<T} ((1 - lam) I + lam J^T)^i g`` (``J = df/dh`` at ``h*``), with the
+    arithmetic of the uncompiled backward: for a series (neumann, fixed_point) the terms
+    ``v <- J^T v`` summed, in float32 for a half-precision state (as the solvers iterate, the
+    products in the state's dtype); for phantom the uncompiled recursion ``z <- z + lam (g - z
+    + J^T z)`` in the state's dtype."""
 
     @staticmethod
-    def forward(ctx, y, h, f, steps, lam):
+    def forward(ctx, y, h, f, steps, lam, phantom):
         ctx.save_for_backward(h)
-        ctx.f, ctx.steps, ctx.lam = f, steps, lam
+        ctx.f, ctx.steps, ctx.lam, ctx.phantom = f, steps, lam, phantom
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
         (h,) = ctx.saved_tensors
         steps, lam = ctx.steps, ctx.lam
-        z = g
-        if steps > 1:
-            # One graph of f at h*, whatever the number of products.
-            _, vjp = torch.func.vjp(ctx.f, h)
-            v = g
+        if steps <= 1:
+            return g, None, None, None, None, None
+        # One graph of f at h*, whatever the number of products.
+        _, vjp = torch.func.vjp(ctx.f, h)
+        if ctx.phantom:
+            z = lam * g
             for _ in range(steps - 1):
-                (u,) = vjp(v)
-                v = u if lam == 1.0 else (1.0 - lam) * v + lam * u
-                z = z + v
-            if lam != 1.0:
-                z = lam * z
-        return z, None, None, None, None
+                (u,) = vjp(z)
+                z = z + lam * (g - z + u)
+            return z, None, None, None, None, None
+        low = g.dtype
+        work = torch.float32 if low in (torch.float16, torch.bfloat16) else low
+        v = g.to(work)
+        z = v
+        for _ in range(steps - 1):
+            (u,) = vjp(v.to(low))
+            u = u.to(work)
+            v = u if lam == 1.0 else (1.0 - lam) * v + lam * u
+            z = z + v
+        if lam != 1.0:
+            z = lam * z
+        return z.to(low), None, None, None, None, None
+
+
+class _ZeroGradTo(torch.autograd.Function):
+    """Identity on ``y``; gives ``h0`` a zero gradient (a fixed point does not depend on where
+    the iteration started; ``h0``'s gradient is then zeros, not None). The compiled and the
+    uncompiled layer both use it."""
+
+    @staticmethod
+    def forward(ctx, y, h0):
+        ctx.h0_meta = (h0.shape, h0.dtype, h0.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.h0_meta
+        gy = g if ctx.needs_input_grad[0] else None
+        return gy, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def fixed_point_compiled(f, h0, *, forward="iterate", forward_maxiter=50, forward_tol=1e-6,
@@ -199,13 +235,17 @@ def fixed_point_compiled(f, h0, *, forward="iterate", forward_maxiter=50, forwar
         raise ValueError(f"{_WHERE} cannot keep a warm-start store: pass warm_start=None")
     maxiter = _positive_int(forward_maxiter, "forward_maxiter")
     steps, lam = _budget(backward)
-    batch_dims, structure, h = flat_state(h0, "h0", batch_dims)
+    phantom = backward.get("method") in ("phantom", "jfb")
+    batch_dims, structure, h0 = flat_state(h0, "h0", batch_dims)
     if structure is not None:
         f = structure.wrap(f)
-    h = iterate_fixed(f, h, maxiter, tau)
+    h = iterate_fixed(f, h0, maxiter, tau)
     if torch.is_grad_enabled():
         y = f(h)
-        out = _Adjoint.apply(y, h, f, steps, lam) if y.requires_grad else y
+        out = _Adjoint.apply(y, h, f, steps, lam, phantom) if y.requires_grad else y
+        if h0.requires_grad:
+            # As uncompiled: h0 gets a zero gradient (not None).
+            out = _ZeroGradTo.apply(out, h0)
     else:
         out = h
     return structure.unpack(out) if structure is not None else out

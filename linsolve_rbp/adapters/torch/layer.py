@@ -40,7 +40,7 @@ from ._checks import (
 )
 from .forward import check_forward, solve_forward, zero_iterations
 from ._tree import flat_state
-from .compiled import fixed_budget_series, fixed_point_compiled, iterate_fixed, series_terms
+from .compiled import _ZeroGradTo, fixed_budget_series, fixed_point_compiled, iterate_fixed, series_terms
 from .implicit import APPROXIMATE_METHODS, approximate_adjoint, check_approximate
 from .jacobian import JacobianOperator, under_transform
 
@@ -163,22 +163,6 @@ class FixedPointInfo:
 
 
 # -- the fixed-point layer ------------------------------------------------------------------
-class _ZeroGradTo(torch.autograd.Function):
-    """Identity on ``y``; gives ``h0`` a zero gradient (a fixed point does not depend on where
-    the iteration started)."""
-
-    @staticmethod
-    def forward(ctx, y, h0):
-        ctx.h0_meta = (h0.shape, h0.dtype, h0.device)
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        shape, dtype, device = ctx.h0_meta
-        gy = g if ctx.needs_input_grad[0] else None
-        return gy, torch.zeros(shape, dtype=dtype, device=device)
-
-
 class _Adjoint(torch.autograd.Function):
     """Identity on ``out = f(h_in)``, the evaluation recorded in the forward pass; in the
     backward pass the gradient ``g`` arriving here is replaced by the adjoint solution ``z``
