@@ -71,8 +71,9 @@ BACKEND = "inductor"
 #: default. ``{"cpp_wrapper": True}`` makes the code that calls a graph's kernels C++ instead
 #: of Python (no Python call and no buffer allocation from Python per kernel): the gmres
 #: solve of ``asv_benchmarks/lean_gmres.py`` (dense ``n = 200``, restart 30, three cycles)
-#: then takes 0.79 of the time, but its cycle compiles in about twice the time (110 s
-#: against 50 s on a loaded 2-core machine), hence not the default. Read-only: assign a new
+#: then took about 0.8 of the time in one interleaved comparison on a loaded 2-core machine
+#: (not a committed benchmark), but its cycle compiled in about twice the time (110 s
+#: against 50 s), hence not the default. Read-only: assign a new
 #: mapping to change it (``_compile.CPU_OPTIONS = {"cpp_wrapper": True}``).
 CPU_OPTIONS = MappingProxyType({})
 
@@ -292,7 +293,8 @@ def _inductor_backend(gm, example_inputs):
     Inductor decomposes ``aten.mv`` into an elementwise product and a sum, which it compiles
     as a loop of its own: on the CPU that loop is slower than BLAS's ``gemv`` for a matrix of
     some size (the dense ``n = 200`` gmres solve of ``asv_benchmarks/lean_gmres.py``, three
-    cycles of 30 such products: 1.23 times as long as with BLAS).
+    cycles of 30 such products, took about 1.2 times as long as with BLAS in one interleaved
+    comparison; ``python -m asv_benchmarks.lean_gmres`` times the solve as it is).
     Here ``aten.mv`` becomes a one-column ``aten.mm`` instead, which inductor calls as an
     extern kernel (one that also has a C shim, for ``cpp_wrapper``). The small products of
     Gram-Schmidt (a basis of up to ``m + 1`` vectors against one vector) stay inductor's
